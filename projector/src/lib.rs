@@ -1,0 +1,1 @@
+//! projector (in progress)

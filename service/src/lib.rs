@@ -1,0 +1,1 @@
+//! iot-service (in progress)

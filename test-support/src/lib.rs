@@ -1,0 +1,1 @@
+//! iot-test-support (in progress)
