@@ -1,1 +1,20 @@
-//! api (in progress)
+//! REST API: presence queries, health and metrics.
+//!
+//! # Layout
+//!
+//! - [`run`]: the service, given its context and listeners.
+
+use iot_service::startup::Context;
+use tokio::net::TcpListener;
+
+/// The service's default HTTP port (`http.listen` empty).
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+/// Runs the service until `ctx.shutdown` is cancelled.
+pub async fn run(ctx: Context, http: TcpListener) -> anyhow::Result<()> {
+    let router = ctx.base_router("api");
+    tracing::info!(server_id = %ctx.server_id, http = %http.local_addr()?, "iot-api started");
+    iot_service::http::serve(http, router, ctx.shutdown.clone()).await?;
+    tracing::info!("iot-api stopped");
+    Ok(())
+}

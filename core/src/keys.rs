@@ -121,6 +121,13 @@ impl Keys {
         self.k(format_args!("presence:rev:{{{shard}}}"))
     }
 
+    /// Sorted set phyID -> ms of the newest binding event: devices of a shard
+    /// that have a session view (for the known-device count). Members whose
+    /// view has expired are removed by the projector.
+    pub fn known(&self, shard: u16) -> String {
+        self.k(format_args!("presence:known:{{{shard}}}"))
+    }
+
     /// Sorted set phyID -> ms: when each device of a shard must be evaluated
     /// again (heartbeat expiry, end of a penalty window).
     pub fn due(&self, shard: u16) -> String {

@@ -11,6 +11,7 @@
 //! - [`policy`]: the weighted online policy, with its explanation.
 //! - [`keys`]: the Redis key schema (no other file spells a key).
 //! - [`control`]: messages on an instance's Pub/Sub channel.
+//! - [`registry`]: the ingest instance registry and the projectors' lag record.
 //! - [`config`]: typed configuration sections, YAML plus environment.
 //! - [`time`]: milliseconds since the Unix epoch.
 
@@ -20,6 +21,7 @@ pub mod event;
 pub mod ids;
 pub mod keys;
 pub mod policy;
+pub mod registry;
 pub mod time;
 pub mod view;
 

@@ -1,0 +1,140 @@
+//! Health: named checks, each ok, degraded or down, and the worst of them.
+//!
+//! Components set their own check (the ingest's event writer reports
+//! `degraded` while Redis is away); [`spawn_redis_probe`] keeps a `redis`
+//! check fresh so health requests never wait for Redis.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::redis::RedisPool;
+
+/// State of one check, ordered from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Working.
+    Ok,
+    /// Working with reduced function (for example buffering while Redis is away).
+    Degraded,
+    /// Not working.
+    Down,
+}
+
+/// One named check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Its state.
+    pub status: Status,
+    /// Why, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Round trip of the last probe, when the check is a probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// When it was last set, ms since the Unix epoch.
+    pub updated_at_ms: i64,
+}
+
+/// All checks of a service, with the overall status.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The worst status of all checks (ok when there are none).
+    pub status: Status,
+    /// Each check by name.
+    pub checks: BTreeMap<String, Check>,
+}
+
+/// The shared set of checks.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    checks: Arc<RwLock<BTreeMap<String, Check>>>,
+}
+
+impl Health {
+    /// Sets check `name`.
+    pub fn set(
+        &self,
+        name: &str,
+        status: Status,
+        detail: Option<String>,
+        latency: Option<Duration>,
+    ) {
+        let check = Check {
+            status,
+            detail,
+            latency_ms: latency.map(|d| d.as_secs_f64() * 1000.0),
+            updated_at_ms: iot_core::time::now_ms(),
+        };
+        self.checks.write().insert(name.to_owned(), check);
+    }
+
+    /// The current status of check `name`, if set.
+    pub fn status_of(&self, name: &str) -> Option<Status> {
+        self.checks.read().get(name).map(|c| c.status)
+    }
+
+    /// Every check and the overall status.
+    pub fn report(&self) -> Report {
+        let checks = self.checks.read().clone();
+        let status = checks
+            .values()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Ok);
+        Report { status, checks }
+    }
+}
+
+/// Pings Redis every `interval` and records the `redis` check (down after a
+/// failed PING, ok with the round trip otherwise).
+pub fn spawn_redis_probe(
+    health: Health,
+    pool: RedisPool,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match pool.ping().await {
+                Ok(rtt) => health.set("redis", Status::Ok, None, Some(rtt)),
+                Err(e) => {
+                    if health.status_of("redis") != Some(Status::Down) {
+                        tracing::warn!(error = %e, "Redis does not answer");
+                    }
+                    health.set("redis", Status::Down, Some(e.to_string()), None);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overall_status_is_the_worst() {
+        let h = Health::default();
+        assert_eq!(h.report().status, Status::Ok);
+        h.set("a", Status::Ok, None, None);
+        h.set("b", Status::Degraded, Some("buffering".into()), None);
+        assert_eq!(h.report().status, Status::Degraded);
+        h.set("c", Status::Down, None, None);
+        assert_eq!(h.report().status, Status::Down);
+        h.set("c", Status::Ok, None, Some(Duration::from_millis(2)));
+        assert_eq!(h.report().status, Status::Degraded);
+        assert_eq!(h.report().checks["c"].latency_ms, Some(2.0));
+    }
+}

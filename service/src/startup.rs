@@ -1,0 +1,146 @@
+//! The start of every service: config, logging, server id, Redis.
+
+use std::path::Path;
+
+use iot_core::config::{ConfigError, LogConfig, LogFormat};
+use iot_core::{Config, ServerId};
+use tracing_subscriber::EnvFilter;
+
+/// Loads the config file (if any) with the process environment on top.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    Config::load(path, &env)
+}
+
+/// Sets up logging to stderr. `RUST_LOG` wins over `log.level`. Safe to call
+/// more than once (later calls do nothing).
+pub fn init_tracing(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// The server id by the seed's rule, as an error message on failure.
+pub fn server_id(config: &Config) -> Result<ServerId, String> {
+    config
+        .resolve_server_id()
+        .map_err(|e| format!("invalid server_id / SERVER_ID: {e}"))
+}
+
+/// What every service has once it has started: its config, its id, Redis,
+/// health checks, the metrics handle and the shutdown token.
+#[derive(Clone)]
+pub struct Context {
+    /// The loaded configuration.
+    pub config: Config,
+    /// This instance's id.
+    pub server_id: ServerId,
+    /// Redis (connected and answering at start).
+    pub redis: crate::redis::RedisPool,
+    /// Health checks; a `redis` probe keeps its check fresh.
+    pub health: crate::health::Health,
+    /// The Prometheus handle for `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cancelled when the service must stop.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Context {
+    /// Resolves the server id, connects to Redis (required) and starts the
+    /// Redis health probe.
+    pub async fn start(
+        config: Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let server_id = server_id(&config).map_err(anyhow::Error::msg)?;
+        let redis = crate::redis::RedisPool::connect(&config.redis).await?;
+        let health = crate::health::Health::default();
+        health.set("redis", crate::health::Status::Ok, None, None);
+        crate::health::spawn_redis_probe(
+            health.clone(),
+            redis.clone(),
+            std::time::Duration::from_secs(1),
+            shutdown.clone(),
+        );
+        Ok(Self {
+            config,
+            server_id,
+            redis,
+            health,
+            metrics: crate::metrics::handle(),
+            shutdown,
+        })
+    }
+
+    /// The HTTP routes every service has (`/health*`, `/metrics`).
+    pub fn base_router(&self, service: &'static str) -> axum::Router {
+        crate::http::base_router(
+            self.health.clone(),
+            self.metrics.clone(),
+            crate::http::ServiceInfo {
+                service,
+                server_id: self.server_id.to_string(),
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        )
+    }
+}
+
+/// The body of every binary's `main`: load the config (exit 2 with one line
+/// naming the problem), set up logging, build the runtime, connect SIGTERM
+/// and Ctrl-C to a shutdown token, run `service`, and turn an error into one
+/// line on stderr and exit code 1.
+pub fn main_with<F, Fut>(config_path: Option<&Path>, service: F) -> std::process::ExitCode
+where
+    F: FnOnce(Config, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = crate::shutdown::cancel_on_signal();
+        service(config, shutdown).await
+    });
+    // Tasks still running (probes, upkeep) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds `addr`, naming the config key in the error.
+pub async fn bind(
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
+}

@@ -1,0 +1,182 @@
+//! A private redis-server process per test.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` on 127.0.0.1 and a free port, with no persistence, killed
+/// by pid on drop. [`stop`](Self::stop) and [`start_again`](Self::start_again)
+/// simulate an outage on the same port.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn binary() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+fn pings(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
+        for _ in 0..5 {
+            let port = crate::free_port();
+            let mut server = Self {
+                child: None,
+                port,
+                dir,
+            };
+            if server.spawn() {
+                return server;
+            }
+            dir = std::mem::replace(
+                &mut server.dir,
+                tempfile::tempdir().expect("cannot create a temp dir"),
+            );
+        }
+        panic!(
+            "redis-server did not start on any of 5 free ports (is it installed? set REDIS_SERVER_BIN)"
+        );
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(binary())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &self.dir.path().display().to_string(),
+                "--maxclients",
+                "10000",
+                "--loglevel",
+                "warning",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} (install redis-server)", binary()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if pings(self.port) {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
+    }
+
+    /// `redis://127.0.0.1:{port}/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `127.0.0.1:{port}`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server (SIGKILL by pid) and waits for it to exit. Its data
+    /// is gone: it keeps nothing on disk.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty) and waits for PING.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis-server is still running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server did not start again on port {}", self.port);
+    }
+
+    /// A synchronous client connection, for assertions.
+    pub fn cli(&self) -> RedisCli {
+        RedisCli { port: self.port }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `redis-cli`-like commands with a minimal RESP client, for tests that
+/// want to look at Redis without an async runtime.
+pub struct RedisCli {
+    port: u16,
+}
+
+impl RedisCli {
+    /// Sends one command and returns the raw RESP reply.
+    pub fn raw(&self, args: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to test redis");
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).expect("write to test redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        // Read until the reply looks complete (good enough for small replies).
+        loop {
+            let n = s.read(&mut buf).expect("read from test redis");
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || out.ends_with(b"\r\n") && n < buf.len() {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
