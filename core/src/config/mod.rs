@@ -29,6 +29,10 @@ use crate::ids::ServerId;
 use crate::keys::Keys;
 use crate::policy::Policy;
 
+/// Environment variable naming the config file (same as `--config`); it is
+/// not a config key.
+pub const CONFIG_FILE_ENV: &str = "IOT_CONFIG";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -928,7 +932,8 @@ fn apply_env(
     let mut names: Vec<&str> = env
         .keys()
         .copied()
-        .filter(|k| k.starts_with("IOT_"))
+        // IOT_CONFIG names the config file itself (the binaries' --config).
+        .filter(|k| k.starts_with("IOT_") && *k != CONFIG_FILE_ENV)
         .collect();
     names.sort_unstable();
     for var in names {
@@ -1094,6 +1099,7 @@ session:
                 ("SERVER_ID", "pod-1"),
                 ("DATABASE_URL", "postgres://localhost/test"),
                 ("UNRELATED", "x"),
+                ("IOT_CONFIG", "/etc/iot/config.yaml"),
             ]),
         )
         .unwrap();
