@@ -1,0 +1,1 @@
+//! The command log (filled in with the downlink commands).

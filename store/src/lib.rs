@@ -1,0 +1,146 @@
+//! PostgreSQL persistence of the IoT session server.
+//!
+//! PostgreSQL keeps the durable data beside Redis: who may connect (the
+//! device registry), what happened to every device (the archive of events,
+//! transitions and sessions) and what was asked of it (the command log).
+//! Nothing on a device's hot path waits for PostgreSQL: the ingest caches
+//! credential checks, and the archive is written from the Redis Streams by a
+//! consumer group of its own, so a slow or absent database delays the
+//! archive, never the devices.
+//!
+//! # Layout
+//!
+//! - [`Store`] (this file): the pool, migrations and the schema check.
+//! - [`devices`]: the device registry (secrets stored as SHA-256).
+//! - [`archive`]: archived events, transitions and sessions; history pages.
+//! - [`commands`]: the command log.
+//! - [`error`]: the error type, `StoreError`.
+
+pub mod archive;
+pub mod commands;
+pub mod devices;
+pub mod error;
+
+use std::time::Duration;
+
+use iot_core::config::DatabaseConfig;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+pub use error::StoreError;
+
+/// The migrations under `migrations/`, embedded at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// A PostgreSQL connection pool with the project's queries.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    /// Archive partitions known to exist (saves a DDL round trip per batch).
+    partitions: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s + 3 => {
+            let user = url[s + 3..at].split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Connects to `cfg.url`. The pool connects lazily beyond the first
+    /// connection, so a database that goes away later shows up as errors on
+    /// queries, not as a failed start.
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Self, StoreError> {
+        if cfg.url.trim().is_empty() {
+            return Err(StoreError::NotConfigured);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections.max(1))
+            .acquire_timeout(cfg.connect_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .connect(cfg.url.trim())
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                url: redact_url(cfg.url.trim()),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// Wraps an existing pool.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self {
+            pool,
+            partitions: Default::default(),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every migration not applied yet; returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let before = self.applied_versions().await.unwrap_or_default().len();
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        let after = self.applied_versions().await?.len();
+        Ok(after.saturating_sub(before))
+    }
+
+    async fn applied_versions(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Checks that every embedded migration has been applied, so a service
+    /// refuses to run against an old schema with a clear message.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let applied = self.applied_versions().await?;
+        let missing: Vec<String> = MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+            .map(|m| format!("{}_{}", m.version, m.description))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::SchemaOutdated { missing })
+        }
+    }
+
+    /// Round trip to the database (for health checks).
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = std::time::Instant::now();
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(start.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+}
