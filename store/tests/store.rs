@@ -20,7 +20,7 @@ async fn store() -> (TestDb, Store) {
 }
 
 fn phy(s: &str) -> PhyId {
-    PhyId::new(s).unwrap()
+    PhyId::new(s).expect("valid phyID")
 }
 
 #[tokio::test]
@@ -176,7 +176,7 @@ fn event(epoch: u64, conn: u128, ts: i64, kind: EventKind) -> Entry {
     Entry::Event(Event {
         phy_id: phy("dev-a"),
         conn_id: Uuid::from_u128(conn),
-        server_id: ServerId::new("srv-1").unwrap(),
+        server_id: ServerId::new("srv-1").expect("valid server id"),
         epoch,
         ts_ms: ts,
         kind,
@@ -188,7 +188,7 @@ async fn archive_is_idempotent_and_builds_sessions() {
     let (_db, store) = store().await;
     store.migrate().await.unwrap();
     let day = 1_795_000_000_000i64; // 2026-11
-    let entries = vec![
+    let entries = [
         (
             "1-0",
             event(
