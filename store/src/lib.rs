@@ -13,10 +13,12 @@
 //! - [`Store`] (this file): the pool, migrations and the schema check.
 //! - [`devices`]: the device registry (secrets stored as SHA-256).
 //! - [`archive`]: archived events, transitions and sessions; history pages.
+//! - [`archiver`]: the consumer group that fills the archive and trims the streams.
 //! - [`commands`]: the command log.
 //! - [`error`]: the error type, `StoreError`.
 
 pub mod archive;
+pub mod archiver;
 pub mod commands;
 pub mod devices;
 pub mod error;

@@ -3,8 +3,11 @@
 //! - [`RedisServer`]: a private `redis-server` on a free loopback port,
 //!   stopped by its process id when dropped (or on demand, to test outages).
 //! - [`TestDb`]: a PostgreSQL database of its own for one test, dropped after.
+//! - [`PgServer`]: a private PostgreSQL cluster, for tests that stop the database.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes;
 //!   tests wait on conditions, never on fixed sleeps.
+//! - [`TestDevice`]: a raw MQTT connection (the `iot-mqtt` codec over TCP)
+//!   for tests that send what a real client never would.
 //! - [`ServiceProcess`]: a service binary as a child process, to signal or kill.
 //! - [`free_port`], [`unique_prefix`] and [`http_get`].
 //!
@@ -13,11 +16,15 @@
 //! must fail, not pass silently.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod device;
+mod pg_server;
 mod postgres;
 mod process;
 mod redis;
 mod wait;
 
+pub use device::{TestDevice, connect_packet, publish_packet};
+pub use pg_server::PgServer;
 pub use postgres::TestDb;
 pub use process::{ServiceProcess, check_service_binary};
 pub use redis::{RedisCli, RedisServer};
