@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{DecodeError, FORMAT_VERSION};
 use crate::ids::PhyId;
+use uuid::Uuid;
 
 /// A message to the instance that holds a device's socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +19,37 @@ pub enum Control {
         /// The new connection's epoch; connections with a lower one close.
         epoch: u64,
     },
+    /// Deliver a downlink command to the device's connection with `epoch`.
+    Command(Dispatch),
+    /// Commands are waiting in `downlink:queue:{phyID}`: deliver them if the
+    /// device is connected here (sent after queueing, in case the device
+    /// connected meanwhile).
+    DrainQueue {
+        /// The device.
+        phy_id: PhyId,
+    },
+}
+
+/// A downlink command on its way to the instance holding the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// Command id (its record is `command:{id}`).
+    pub id: Uuid,
+    /// The device.
+    pub phy_id: PhyId,
+    /// Epoch of the connection it was routed to.
+    pub epoch: u64,
+    /// Topic level after `devices/{phyID}/down/`.
+    pub name: String,
+    /// Payload, as sent to the device.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// After this (ms since the Unix epoch) the command is expired.
+    pub expires_at_ms: i64,
+    /// Put it back in the device's queue if the connection is gone.
+    pub queue_if_offline: bool,
+    /// How often it was forwarded to a new owner already (at most once).
+    pub hops: u8,
 }
 
 impl Control {
@@ -53,6 +85,17 @@ mod tests {
         assert_eq!(Control::decode(&k.encode()).unwrap(), k);
         assert!(Control::decode(&[]).is_err());
         assert!(Control::decode(&[FORMAT_VERSION, 0xc1]).is_err());
+        let d = Control::Command(Dispatch {
+            id: Uuid::from_u128(5),
+            phy_id: PhyId::new("d-1").unwrap(),
+            epoch: 3,
+            name: "reboot".into(),
+            payload: vec![1, 2],
+            expires_at_ms: 99,
+            queue_if_offline: true,
+            hops: 0,
+        });
+        assert_eq!(Control::decode(&d.encode()).unwrap(), d);
         assert!(matches!(
             Control::decode(&[7, 0]),
             Err(DecodeError::UnknownVersion { found: 7 })

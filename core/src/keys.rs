@@ -139,6 +139,12 @@ impl Keys {
         self.k(format_args!("server:live:{{{server}}}"))
     }
 
+    /// String with a short TTL: a projector is reaping this lapsed instance
+    /// (`SET NX PX`), so that one projector does it.
+    pub fn reaper_lock(&self, server: &ServerId) -> String {
+        self.k(format_args!("server:reaping:{{{server}}}"))
+    }
+
     /// Hash server id -> JSON description of every registered instance.
     pub fn servers(&self) -> String {
         self.k(format_args!("servers:registry"))
@@ -162,6 +168,23 @@ impl Keys {
     /// Hash: one downlink command's record.
     pub fn command(&self, id: &Uuid) -> String {
         self.k(format_args!("command:{{{id}}}"))
+    }
+
+    /// List: a command's state changes (`status at_ms reason`), same slot as
+    /// its record.
+    pub fn command_log(&self, id: &Uuid) -> String {
+        self.k(format_args!("command:{{{id}}}:log"))
+    }
+
+    /// Sorted set command id -> ms: when a command not yet in a terminal
+    /// state must be looked at again (expiry, lost owner).
+    pub fn command_deadlines(&self) -> String {
+        self.k(format_args!("commands:deadline"))
+    }
+
+    /// Stream of command state changes, archived to the command log.
+    pub fn command_events(&self) -> String {
+        self.k(format_args!("stream:commands"))
     }
 
     /// Sorted set command id -> created ms: a device's command history.
@@ -202,6 +225,7 @@ mod tests {
         let s = ServerId::new("srv-a").unwrap();
         assert_eq!(k.server_conns(&s), "session:server:{srv-a}:conns");
         assert_eq!(k.downlink_channel(&s), "downlink:srv-a");
+        assert_eq!(k.reaper_lock(&s), "server:reaping:{srv-a}");
     }
 
     #[test]

@@ -31,6 +31,32 @@ pub struct InstanceInfo {
     pub status: String,
 }
 
+/// The instance that accepted a device's newest CONNECT, as stored in
+/// `session:owner:{phyID}` by the ingest: `"<server_id> <epoch>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The instance.
+    pub server_id: crate::ids::ServerId,
+    /// The epoch of that connection.
+    pub epoch: u64,
+}
+
+impl Owner {
+    /// The stored form.
+    pub fn format(&self) -> String {
+        format!("{} {}", self.server_id, self.epoch)
+    }
+
+    /// Parses the stored form; `None` if malformed.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (server, epoch) = s.rsplit_once(' ')?;
+        Some(Self {
+            server_id: crate::ids::ServerId::new(server).ok()?,
+            epoch: epoch.parse().ok()?,
+        })
+    }
+}
+
 /// Field names of the `projector:lag` hash.
 pub mod lag_field {
     /// Entries delivered to a projector and not yet acknowledged (all shards).
@@ -122,6 +148,19 @@ mod tests {
             .collect();
         assert_eq!(Lag::from_fields(&map), lag);
         assert_eq!(Lag::from_fields(&HashMap::new()), Lag::default());
+    }
+
+    #[test]
+    fn owner_round_trips() {
+        let o = Owner {
+            server_id: crate::ids::ServerId::new("srv-1").unwrap(),
+            epoch: 42,
+        };
+        assert_eq!(o.format(), "srv-1 42");
+        assert_eq!(Owner::parse(&o.format()), Some(o));
+        assert_eq!(Owner::parse("srv-1"), None);
+        assert_eq!(Owner::parse("bad id 4"), None);
+        assert_eq!(Owner::parse("srv x"), None);
     }
 
     #[test]

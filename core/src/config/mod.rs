@@ -246,6 +246,11 @@ pub struct DownlinkConfig {
     /// Unacknowledged commands per device at once. Default 8.
     /// Env `IOT_DOWNLINK_MAX_INFLIGHT`.
     pub max_inflight: u32,
+    /// How long a command's record stays in Redis after its time-to-live
+    /// (PostgreSQL keeps the log for good). Default `24h`.
+    /// Env `IOT_DOWNLINK_RETENTION`.
+    #[serde(with = "duration")]
+    pub retention: Duration,
 }
 
 /// `api:` — REST access control.
@@ -412,6 +417,7 @@ impl Default for DownlinkConfig {
             queue_max: 100,
             queue_ttl: Duration::from_secs(3600),
             max_inflight: 8,
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -1,0 +1,39 @@
+//! Downlink metrics, declared in one place.
+
+use std::time::Duration;
+
+use crate::command::Status;
+
+/// Describes the metrics (call once at start).
+pub fn describe() {
+    metrics::describe_counter!(
+        "iot_downlink_commands_total",
+        "Commands that reached a terminal state, by status"
+    );
+    metrics::describe_histogram!(
+        "iot_downlink_roundtrip_seconds",
+        metrics::Unit::Seconds,
+        "From command creation to the device's PUBACK"
+    );
+    metrics::describe_gauge!(
+        "iot_downlink_deadlines",
+        "Commands not yet in a terminal state, watched by the sweeper"
+    );
+    metrics::describe_counter!(
+        "iot_downlink_sweeps_total",
+        "Commands the sweeper acted on, by action"
+    );
+}
+
+/// Counts a terminal state; `roundtrip` is recorded for acked commands.
+pub fn terminal(status: Status, roundtrip: Option<Duration>) {
+    metrics::counter!("iot_downlink_commands_total", "status" => status.as_str()).increment(1);
+    if let Some(rt) = roundtrip {
+        metrics::histogram!("iot_downlink_roundtrip_seconds").record(rt.as_secs_f64());
+    }
+}
+
+/// A duration in ms.
+pub fn ms(d: Duration) -> i64 {
+    iot_core::config::millis(d)
+}

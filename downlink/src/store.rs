@@ -1,0 +1,555 @@
+//! Command records in Redis: create, change state atomically, read, list,
+//! the offline queue and the deadline set.
+//!
+//! A record is the hash `command:{id}` with its change log `command:{id}:log`
+//! (same hash slot); state changes go through one Lua script that refuses to
+//! leave a terminal state, so concurrent reporters (the owning ingest, the
+//! sweeper) cannot overwrite each other's verdict. Every change is also
+//! appended to `stream:commands`, which the archiver writes to PostgreSQL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use iot_core::config::DownlinkConfig;
+use iot_core::{Keys, PhyId};
+use iot_service::RedisPool;
+use redis::Script;
+use uuid::Uuid;
+
+use crate::command::{Change, Command, Status, field};
+
+/// Downlink settings (from the `downlink` config section).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PUBACK deadline (a retransmission at half of it).
+    pub ack_timeout: Duration,
+    /// Offline queue cap per device.
+    pub queue_max: u32,
+    /// Default time-to-live.
+    pub default_ttl: Duration,
+    /// Record retention after the ttl.
+    pub retention: Duration,
+    /// Unacknowledged commands per device.
+    pub max_inflight: u32,
+}
+
+impl From<&DownlinkConfig> for Settings {
+    fn from(c: &DownlinkConfig) -> Self {
+        Self {
+            ack_timeout: c.ack_timeout,
+            queue_max: c.queue_max,
+            default_ttl: c.queue_ttl,
+            retention: c.retention,
+            max_inflight: c.max_inflight,
+        }
+    }
+}
+
+impl Settings {
+    /// How long after its last change a dispatched or sent command may go
+    /// unresolved before the sweeper looks for its owner: two ACK timeouts
+    /// (send + retransmission) plus a margin for the Pub/Sub hop.
+    pub fn stuck_after(&self) -> Duration {
+        self.ack_timeout * 2 + Duration::from_secs(2)
+    }
+}
+
+/// A state change to apply.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// New status.
+    pub to: Status,
+    /// Allowed current statuses; empty: any non-terminal one.
+    pub from: Vec<Status>,
+    /// Reason (failure reason or note).
+    pub reason: Option<String>,
+    /// Detail for the log (instance and epoch, ...).
+    pub detail: Option<String>,
+    /// Extra fields to set.
+    pub set: Vec<(&'static str, String)>,
+}
+
+impl Transition {
+    /// To `to` from any non-terminal status.
+    pub fn to(to: Status) -> Self {
+        Self {
+            to,
+            from: Vec::new(),
+            reason: None,
+            detail: None,
+            set: Vec::new(),
+        }
+    }
+
+    /// Only from these statuses.
+    pub fn from(mut self, from: &[Status]) -> Self {
+        self.from = from.to_vec();
+        self
+    }
+
+    /// With a reason.
+    pub fn reason(mut self, r: impl Into<String>) -> Self {
+        self.reason = Some(r.into());
+        self
+    }
+
+    /// With a detail.
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+
+    /// Setting a field too.
+    pub fn set(mut self, field: &'static str, value: impl ToString) -> Self {
+        self.set.push((field, value.to_string()));
+        self
+    }
+}
+
+/// Command records, queues and deadlines in Redis.
+#[derive(Clone)]
+pub struct CommandStore {
+    redis: RedisPool,
+    keys: Keys,
+    settings: Settings,
+    transition: Script,
+    lease: Script,
+    enqueue: Script,
+}
+
+impl std::fmt::Debug for CommandStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandStore")
+            .field("keys", &self.keys)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// A command to create.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// The device.
+    pub phy_id: PhyId,
+    /// Topic level after `devices/{phyID}/down/` (validated).
+    pub name: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// Time-to-live; `None`: `downlink.queue_ttl`.
+    pub ttl: Option<Duration>,
+    /// Wait in the offline queue if the device is not connected.
+    pub queue_if_offline: bool,
+}
+
+fn ms(d: Duration) -> i64 {
+    iot_core::config::millis(d)
+}
+
+impl CommandStore {
+    /// A store over `redis` with `keys` and `settings`.
+    pub fn new(redis: RedisPool, keys: Keys, settings: Settings) -> Self {
+        Self {
+            redis,
+            keys,
+            settings,
+            transition: Script::new(include_str!("lua/transition.lua")),
+            lease: Script::new(include_str!("lua/lease.lua")),
+            enqueue: Script::new(include_str!("lua/enqueue.lua")),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The key schema.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The Redis pool.
+    pub fn redis(&self) -> &RedisPool {
+        &self.redis
+    }
+
+    fn record_ttl_ms(&self, expires_at_ms: i64, now: i64) -> i64 {
+        (expires_at_ms - now).max(0) + ms(self.settings.retention)
+    }
+
+    /// Writes a new record with its first status and returns it.
+    pub async fn create(
+        &self,
+        id: Uuid,
+        new: &NewCommand,
+        status: Status,
+        reason: Option<&str>,
+        placement: Option<(&str, u64)>,
+        now: i64,
+    ) -> redis::RedisResult<Command> {
+        let ttl = new.ttl.unwrap_or(self.settings.default_ttl);
+        let expires_at_ms = now.saturating_add(ms(ttl));
+        let record = self.keys.command(&id);
+        let log = self.keys.command_log(&id);
+        let keep = self.record_ttl_ms(expires_at_ms, now);
+        let detail = placement
+            .map(|(s, e)| format!("{s} epoch {e}"))
+            .unwrap_or_default();
+        let change = Change {
+            status,
+            at_ms: now,
+            reason: reason.unwrap_or_default().to_owned(),
+            detail: detail.clone(),
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&record)
+            .arg(field::ID)
+            .arg(id.to_string())
+            .arg(field::PHY_ID)
+            .arg(new.phy_id.as_str())
+            .arg(field::NAME)
+            .arg(&new.name)
+            .arg(field::PAYLOAD)
+            .arg(&new.payload)
+            .arg(field::STATUS)
+            .arg(status.as_str())
+            .arg(field::REASON)
+            .arg(reason.unwrap_or_default())
+            .arg(field::CREATED_AT)
+            .arg(now)
+            .arg(field::UPDATED_AT)
+            .arg(now)
+            .arg(field::EXPIRES_AT)
+            .arg(expires_at_ms)
+            .arg(field::QUEUE_IF_OFFLINE)
+            .arg(if new.queue_if_offline { "1" } else { "0" })
+            .arg(field::HOPS)
+            .arg(0)
+            .arg(field::ATTEMPTS)
+            .arg(0);
+        if let Some((server, epoch)) = placement {
+            hset.arg(field::SERVER_ID)
+                .arg(server)
+                .arg(field::EPOCH)
+                .arg(epoch);
+        }
+        pipe.add_command(hset).ignore();
+        pipe.cmd("RPUSH")
+            .arg(&log)
+            .arg(serde_json::to_string(&change).unwrap_or_default())
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&record).arg(keep).ignore();
+        pipe.cmd("PEXPIRE").arg(&log).arg(keep).ignore();
+        pipe.query_async::<()>(&mut self.redis.get()).await?;
+
+        // History per device (newest last), and the archive's change stream.
+        let mut pipe = redis::pipe();
+        let history = self.keys.device_commands(&new.phy_id);
+        pipe.cmd("ZADD")
+            .arg(&history)
+            .arg(now)
+            .arg(id.to_string())
+            .ignore();
+        // Keep the newest 1000 per device.
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(&history)
+            .arg(0)
+            .arg(-1001)
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&history).arg(keep).ignore();
+        pipe.cmd("XADD")
+            .arg(self.keys.command_events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1_000_000)
+            .arg("*")
+            .arg("id")
+            .arg(id.to_string())
+            .arg("phy_id")
+            .arg(new.phy_id.as_str())
+            .arg("name")
+            .arg(&new.name)
+            .arg("payload")
+            .arg(&new.payload)
+            .arg("expires_at")
+            .arg(expires_at_ms)
+            .arg("status")
+            .arg(status.as_str())
+            .arg("reason")
+            .arg(reason.unwrap_or_default())
+            .arg("detail")
+            .arg(&detail)
+            .arg("at_ms")
+            .arg(now)
+            .ignore();
+        pipe.query_async::<()>(&mut self.redis.get()).await?;
+        if status.is_terminal() {
+            crate::metrics::terminal(status, None);
+        }
+        Ok(Command {
+            id,
+            phy_id: new.phy_id.clone(),
+            name: new.name.clone(),
+            payload: new.payload.clone(),
+            status,
+            reason: reason.map(str::to_owned),
+            created_at_ms: now,
+            updated_at_ms: now,
+            expires_at_ms,
+            queue_if_offline: new.queue_if_offline,
+            server_id: placement.map(|(s, _)| s.to_owned()),
+            epoch: placement.map(|(_, e)| e),
+            hops: 0,
+            attempts: 0,
+            sent_at_ms: None,
+            acked_at_ms: None,
+        })
+    }
+
+    /// Applies `t` to command `id` at `now`. Returns the previous status if
+    /// the change was made, `None` if it was not allowed (unknown command,
+    /// terminal already, or not in one of `t.from`).
+    pub async fn transition(
+        &self,
+        id: &Uuid,
+        t: &Transition,
+        now: i64,
+    ) -> redis::RedisResult<Option<Status>> {
+        let from = if t.from.is_empty() {
+            "*".to_owned()
+        } else {
+            t.from
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut inv = self.transition.prepare_invoke();
+        inv.key(self.keys.command(id))
+            .key(self.keys.command_log(id))
+            .arg(t.to.as_str())
+            .arg(from)
+            .arg(now)
+            .arg(t.reason.as_deref().unwrap_or_default())
+            .arg(t.detail.as_deref().unwrap_or_default());
+        for (k, v) in &t.set {
+            inv.arg(*k).arg(v);
+        }
+        let prev: Option<String> = inv.invoke_async(&mut self.redis.get()).await?;
+        let Some(prev) = prev.as_deref().and_then(Status::parse) else {
+            return Ok(None);
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(self.keys.command_events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1_000_000)
+            .arg("*")
+            .arg("id")
+            .arg(id.to_string())
+            .arg("status")
+            .arg(t.to.as_str())
+            .arg("reason")
+            .arg(t.reason.as_deref().unwrap_or_default())
+            .arg("detail")
+            .arg(t.detail.as_deref().unwrap_or_default())
+            .arg("at_ms")
+            .arg(now)
+            .ignore();
+        if t.to.is_terminal() {
+            pipe.cmd("ZREM")
+                .arg(self.keys.command_deadlines())
+                .arg(id.to_string())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.get()).await?;
+        if t.to.is_terminal() {
+            // Ids are UUID v7: their timestamp is the creation time.
+            let roundtrip = (t.to == Status::Acked)
+                .then(|| id.get_timestamp())
+                .flatten()
+                .map(|ts| {
+                    let (secs, nanos) = ts.to_unix();
+                    let created = secs as i64 * 1000 + i64::from(nanos / 1_000_000);
+                    Duration::from_millis(now.saturating_sub(created).max(0) as u64)
+                });
+            crate::metrics::terminal(t.to, roundtrip);
+        }
+        Ok(Some(prev))
+    }
+
+    /// One record, if it still exists.
+    pub async fn get(&self, id: &Uuid) -> redis::RedisResult<Option<Command>> {
+        let f: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(self.keys.command(id))
+            .query_async(&mut self.redis.get())
+            .await?;
+        Ok(Command::from_fields(&f))
+    }
+
+    /// A record and its change log.
+    pub async fn get_with_history(
+        &self,
+        id: &Uuid,
+    ) -> redis::RedisResult<Option<(Command, Vec<Change>)>> {
+        let (f, log): (HashMap<String, Vec<u8>>, Vec<String>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.keys.command(id))
+            .cmd("LRANGE")
+            .arg(self.keys.command_log(id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.redis.get())
+            .await?;
+        Ok(Command::from_fields(&f).map(|c| {
+            let changes = log
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Change>(l).ok())
+                .collect();
+            (c, changes)
+        }))
+    }
+
+    /// Several records (missing ones skipped), in the order of `ids`.
+    pub async fn get_many(&self, ids: &[Uuid]) -> redis::RedisResult<Vec<Command>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(self.keys.command(id));
+        }
+        let all: Vec<HashMap<String, Vec<u8>>> = pipe.query_async(&mut self.redis.get()).await?;
+        Ok(all.iter().filter_map(Command::from_fields).collect())
+    }
+
+    /// A device's commands, newest first, created before `before_ms`.
+    pub async fn list_for_device(
+        &self,
+        phy: &PhyId,
+        before_ms: Option<i64>,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<Command>> {
+        let max = before_ms.map_or("+inf".to_owned(), |b| format!("({b}"));
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.device_commands(phy))
+            .arg(max)
+            .arg("-inf")
+            .arg("BYSCORE")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.redis.get())
+            .await?;
+        let ids: Vec<Uuid> = ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect();
+        self.get_many(&ids).await
+    }
+
+    /// Appends `id` to the device's offline queue; `false` if it is full.
+    pub async fn enqueue(
+        &self,
+        phy: &PhyId,
+        id: &Uuid,
+        expires_at_ms: i64,
+        now: i64,
+    ) -> redis::RedisResult<bool> {
+        let added: i64 = self
+            .enqueue
+            .key(self.keys.downlink_queue(phy))
+            .arg(id.to_string())
+            .arg(self.settings.queue_max)
+            .arg(self.record_ttl_ms(expires_at_ms, now))
+            .invoke_async(&mut self.redis.get())
+            .await?;
+        Ok(added == 1)
+    }
+
+    /// Puts ids back at the head of the device's queue, keeping their order
+    /// (used when a connection closes with commands not yet acknowledged).
+    pub async fn requeue_front(&self, phy: &PhyId, ids: &[Uuid]) -> redis::RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("LPUSH");
+        cmd.arg(self.keys.downlink_queue(phy));
+        for id in ids.iter().rev() {
+            cmd.arg(id.to_string());
+        }
+        cmd.query_async::<()>(&mut self.redis.get()).await
+    }
+
+    /// Takes up to `n` ids from the head of the device's queue and returns
+    /// their records (ids whose record is gone are dropped).
+    pub async fn take_queued(&self, phy: &PhyId, n: usize) -> redis::RedisResult<Vec<Command>> {
+        let ids: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(self.keys.downlink_queue(phy))
+            .arg(n.max(1))
+            .query_async(&mut self.redis.get())
+            .await?;
+        let ids: Vec<Uuid> = ids
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| Uuid::parse_str(s).ok())
+            .collect();
+        self.get_many(&ids).await
+    }
+
+    /// Removes `id` from the device's queue (when it expired there).
+    pub async fn dequeue(&self, phy: &PhyId, id: &Uuid) -> redis::RedisResult<()> {
+        redis::cmd("LREM")
+            .arg(self.keys.downlink_queue(phy))
+            .arg(0)
+            .arg(id.to_string())
+            .query_async(&mut self.redis.get())
+            .await
+    }
+
+    /// Length of the device's queue.
+    pub async fn queue_len(&self, phy: &PhyId) -> redis::RedisResult<u64> {
+        redis::cmd("LLEN")
+            .arg(self.keys.downlink_queue(phy))
+            .query_async(&mut self.redis.get())
+            .await
+    }
+
+    /// (Re)sets when the sweeper looks at `id` next.
+    pub async fn set_deadline(&self, id: &Uuid, at_ms: i64) -> redis::RedisResult<()> {
+        redis::cmd("ZADD")
+            .arg(self.keys.command_deadlines())
+            .arg(at_ms)
+            .arg(id.to_string())
+            .query_async(&mut self.redis.get())
+            .await
+    }
+
+    /// Leases up to `n` due ids (their deadline moves to `lease_until`).
+    pub async fn lease_due(
+        &self,
+        now: i64,
+        n: usize,
+        lease_until: i64,
+    ) -> redis::RedisResult<Vec<Uuid>> {
+        let ids: Vec<String> = self
+            .lease
+            .key(self.keys.command_deadlines())
+            .arg(now)
+            .arg(n)
+            .arg(lease_until)
+            .invoke_async(&mut self.redis.get())
+            .await?;
+        Ok(ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
+    }
+
+    /// Forgets a deadline.
+    pub async fn clear_deadline(&self, id: &Uuid) -> redis::RedisResult<()> {
+        redis::cmd("ZREM")
+            .arg(self.keys.command_deadlines())
+            .arg(id.to_string())
+            .query_async(&mut self.redis.get())
+            .await
+    }
+}

@@ -1,0 +1,310 @@
+//! Command records, routing and the sweeper against a real Redis.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use iot_core::control::Control;
+use iot_core::registry::Owner;
+use iot_core::{Keys, PhyId, ServerId};
+use iot_downlink::command::field;
+use iot_downlink::route::{self, Location};
+use iot_downlink::sweeper;
+use iot_downlink::{CommandStore, NewCommand, Settings, Status, Transition};
+use iot_service::RedisPool;
+use iot_test_support::{RedisServer, eventually};
+
+fn settings() -> Settings {
+    Settings {
+        ack_timeout: Duration::from_millis(200),
+        queue_max: 3,
+        default_ttl: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+        max_inflight: 4,
+    }
+}
+
+async fn store(redis: &RedisServer) -> CommandStore {
+    let cfg = iot_core::config::RedisConfig {
+        url: redis.url(),
+        min_idle_conns: 2,
+        ..Default::default()
+    };
+    let pool = RedisPool::connect(&cfg).await.expect("redis");
+    CommandStore::new(pool, Keys::default(), settings())
+}
+
+fn phy(s: &str) -> PhyId {
+    PhyId::new(s).expect("phy")
+}
+
+fn new(p: &str, queue: bool, ttl: Option<Duration>) -> NewCommand {
+    NewCommand {
+        phy_id: phy(p),
+        name: "reboot".into(),
+        payload: b"now".to_vec(),
+        ttl,
+        queue_if_offline: queue,
+    }
+}
+
+/// Makes `phy` look connected to `server` with `epoch`.
+async fn connect(store: &CommandStore, p: &str, server: &str, epoch: u64) {
+    let owner = Owner {
+        server_id: ServerId::new(server).expect("server"),
+        epoch,
+    };
+    let mut c = store.redis().get();
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(store.keys().owner(&phy(p)))
+        .arg(owner.format())
+        .cmd("SET")
+        .arg(store.keys().liveness(&owner.server_id))
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .expect("set");
+}
+
+#[tokio::test]
+async fn offline_without_queue_fails_and_is_logged() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cmd = route::submit(&store, new("d-1", false, None))
+        .await
+        .expect("submit");
+    assert_eq!(cmd.status, Status::Failed);
+    assert_eq!(cmd.reason.as_deref(), Some("offline"));
+    let (read, log) = store
+        .get_with_history(&cmd.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(read.status, Status::Failed);
+    assert_eq!(read.payload, b"now");
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].status, Status::Failed);
+    let mut c = store.redis().get();
+    let n: u64 = redis::cmd("XLEN")
+        .arg(store.keys().command_events())
+        .query_async(&mut c)
+        .await
+        .expect("xlen");
+    assert_eq!(n, 1);
+    let listed = store
+        .list_for_device(&phy("d-1"), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+}
+
+#[tokio::test]
+async fn offline_with_queue_waits_in_order_until_full() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let c = route::submit(&store, new("d-2", true, None))
+            .await
+            .expect("submit");
+        assert_eq!(c.status, Status::Queued);
+        ids.push(c.id);
+    }
+    let full = route::submit(&store, new("d-2", true, None))
+        .await
+        .expect("submit");
+    assert_eq!(full.status, Status::Failed);
+    assert_eq!(full.reason.as_deref(), Some("queue_full"));
+    let taken = store.take_queued(&phy("d-2"), 10).await.expect("take");
+    assert_eq!(taken.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
+    // Putting them back keeps the order.
+    store
+        .requeue_front(&phy("d-2"), &ids[1..])
+        .await
+        .expect("requeue");
+    let again = store.take_queued(&phy("d-2"), 10).await.expect("take");
+    assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), ids[1..]);
+    // Newest first in the device's history.
+    let listed = store
+        .list_for_device(&phy("d-2"), None, 2)
+        .await
+        .expect("list");
+    assert_eq!(listed[0].id, full.id);
+}
+
+#[tokio::test]
+async fn terminal_states_are_final_and_from_is_checked() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let c = route::submit(&store, new("d-3", true, None))
+        .await
+        .expect("submit");
+    let now = iot_core::time::now_ms();
+    // Not from `sent`: it is queued.
+    let t = Transition::to(Status::Acked).from(&[Status::Sent]);
+    assert_eq!(store.transition(&c.id, &t, now).await.expect("t"), None);
+    let t = Transition::to(Status::Sent).set(field::ATTEMPTS, 1);
+    assert_eq!(
+        store.transition(&c.id, &t, now).await.expect("t"),
+        Some(Status::Queued)
+    );
+    let t = Transition::to(Status::Acked).from(&[Status::Sent]);
+    assert_eq!(
+        store.transition(&c.id, &t, now + 5).await.expect("t"),
+        Some(Status::Sent)
+    );
+    let t = Transition::to(Status::TimedOut);
+    assert_eq!(
+        store.transition(&c.id, &t, now + 6).await.expect("t"),
+        None,
+        "terminal is final"
+    );
+    let (read, log) = store
+        .get_with_history(&c.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(read.status, Status::Acked);
+    assert_eq!(read.attempts, 1);
+    assert_eq!(
+        log.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [Status::Queued, Status::Sent, Status::Acked]
+    );
+    assert_eq!(
+        store
+            .transition(&uuid::Uuid::nil(), &Transition::to(Status::Sent), now)
+            .await
+            .expect("t"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn connected_device_gets_a_dispatch_on_its_owner_channel() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    connect(&store, "d-4", "srv-a", 7).await;
+    assert!(
+        matches!(route::locate(&store, &phy("d-4")).await.expect("locate"), Location::Connected(o) if o.epoch == 7)
+    );
+
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-a").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    let cmd = route::submit(&store, new("d-4", false, None))
+        .await
+        .expect("submit");
+    assert_eq!(cmd.status, Status::Dispatched);
+    assert_eq!(cmd.server_id.as_deref(), Some("srv-a"));
+    assert_eq!(cmd.epoch, Some(7));
+    let msg = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .expect("message in time")
+        .expect("message");
+    let payload: Vec<u8> = msg.get_payload().expect("payload");
+    match Control::decode(&payload).expect("decode") {
+        Control::Command(d) => {
+            assert_eq!(d.id, cmd.id);
+            assert_eq!(d.epoch, 7);
+            assert_eq!(d.name, "reboot");
+            assert_eq!(d.payload, b"now");
+            assert_eq!(d.hops, 0);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn owner_without_listener_counts_as_offline() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    connect(&store, "d-5", "srv-dead", 1).await;
+    let cmd = route::submit(&store, new("d-5", true, None))
+        .await
+        .expect("submit");
+    assert_eq!(cmd.status, Status::Queued, "PUBLISH reached nobody: queued");
+    let (_, log) = store
+        .get_with_history(&cmd.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        log.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [Status::Dispatched, Status::Queued]
+    );
+    let cmd = route::submit(&store, new("d-5", false, None))
+        .await
+        .expect("submit");
+    assert_eq!(cmd.status, Status::Failed);
+}
+
+#[tokio::test]
+async fn sweeper_expires_queued_commands_and_reroutes_stuck_ones() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let short = route::submit(&store, new("d-6", true, Some(Duration::from_millis(50))))
+        .await
+        .expect("submit");
+    assert_eq!(short.status, Status::Queued);
+    let now = iot_core::time::now_ms();
+    sweeper::sweep_once(&store, now + 100).await.expect("sweep");
+    let read = store.get(&short.id).await.expect("get").expect("exists");
+    assert_eq!(read.status, Status::Expired);
+    assert_eq!(store.queue_len(&phy("d-6")).await.expect("len"), 0);
+
+    // Dispatched to an instance that then dies without answering.
+    connect(&store, "d-7", "srv-b", 3).await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-b").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    let stuck = route::submit(&store, new("d-7", true, None))
+        .await
+        .expect("submit");
+    assert_eq!(stuck.status, Status::Dispatched);
+    drop(pubsub);
+    // The device reconnected to srv-c meanwhile: the command follows it once.
+    connect(&store, "d-7", "srv-c", 4).await;
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-c").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    let later = iot_core::time::now_ms() + 10_000;
+    sweeper::sweep_once(&store, later).await.expect("sweep");
+    let read = store.get(&stuck.id).await.expect("get").expect("exists");
+    assert_eq!(read.status, Status::Dispatched);
+    assert_eq!(read.server_id.as_deref(), Some("srv-c"));
+    assert_eq!(read.hops, 1);
+    // srv-c never answers either: no second forward; it waits in the queue.
+    sweeper::sweep_once(&store, later + 20_000)
+        .await
+        .expect("sweep");
+    let read = store.get(&stuck.id).await.expect("get").expect("exists");
+    assert_eq!(read.status, Status::Queued);
+    eventually(Duration::from_secs(2), "queued id", || async {
+        let n = store
+            .queue_len(&phy("d-7"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 1 { Ok(()) } else { Err(n.to_string()) }
+    })
+    .await;
+}
