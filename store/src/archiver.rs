@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Store;
 use crate::archive::{ArchivedEvent, ArchivedTransition};
+use crate::commands::CommandChange;
 
 /// How the archiver runs.
 #[derive(Debug, Clone)]
@@ -167,7 +168,16 @@ fn stream_keys(opts: &ArchiverOptions) -> Vec<String> {
     (0..opts.shards)
         .map(|s| opts.keys.events(s))
         .chain((0..opts.shards).map(|s| opts.keys.lifecycle(s)))
+        .chain(std::iter::once(opts.keys.command_events()))
         .collect()
+}
+
+/// The rows of one batch.
+#[derive(Default)]
+struct Rows {
+    events: Vec<ArchivedEvent>,
+    transitions: Vec<ArchivedTransition>,
+    commands: Vec<CommandChange>,
 }
 
 async fn ensure_groups(conn: &mut ConnectionManager, streams: &[String]) -> redis::RedisResult<()> {
@@ -190,18 +200,34 @@ async fn ensure_groups(conn: &mut ConnectionManager, streams: &[String]) -> redi
 }
 
 /// Turns stream entries into rows; undecodable ones are counted and skipped.
-fn rows(
-    batch: &[(String, Vec<StreamId>)],
-    keys: &Keys,
-) -> (Vec<ArchivedEvent>, Vec<ArchivedTransition>) {
-    let mut events = Vec::new();
-    let mut transitions = Vec::new();
+fn rows(batch: &[(String, Vec<StreamId>)], keys: &Keys) -> Rows {
+    let mut out = Rows::default();
     let lifecycle_prefix = keys.lifecycle(0);
     let lifecycle_prefix = lifecycle_prefix.trim_end_matches("{0}");
+    let commands_stream = keys.command_events();
     for (stream, ids) in batch {
         let is_lifecycle = stream.starts_with(lifecycle_prefix);
+        let is_commands = *stream == commands_stream;
         for id in ids {
-            if is_lifecycle {
+            if is_commands {
+                let fields: HashMap<String, Vec<u8>> = id
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        redis::from_redis_value::<Vec<u8>>(v.clone())
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect();
+                match CommandChange::from_fields(&fields) {
+                    Some(c) => out.commands.push(c),
+                    None => {
+                        metrics::counter!("iot_archive_bad_entries_total", "stream" => "commands")
+                            .increment(1);
+                        tracing::warn!(stream, id = %id.id, "undecodable command entry skipped");
+                    }
+                }
+            } else if is_lifecycle {
                 let fields: HashMap<String, String> = id
                     .map
                     .iter()
@@ -212,7 +238,7 @@ fn rows(
                     })
                     .collect();
                 match ArchivedTransition::from_fields(stream, &id.id, &fields) {
-                    Some(t) => transitions.push(t),
+                    Some(t) => out.transitions.push(t),
                     None => {
                         metrics::counter!("iot_archive_bad_entries_total", "stream" => "lifecycle")
                             .increment(1);
@@ -227,7 +253,9 @@ fn rows(
                     .ok_or_else(|| "no `e` field".to_owned())
                     .and_then(|b| Entry::decode(&b).map_err(|e| e.to_string()));
                 match decoded {
-                    Ok(entry) => events.extend(ArchivedEvent::from_entry(stream, &id.id, entry)),
+                    Ok(entry) => out
+                        .events
+                        .extend(ArchivedEvent::from_entry(stream, &id.id, entry)),
                     Err(e) => {
                         metrics::counter!("iot_archive_bad_entries_total", "stream" => "events")
                             .increment(1);
@@ -237,7 +265,7 @@ fn rows(
             }
         }
     }
-    (events, transitions)
+    out
 }
 
 /// Writes the batch (retrying until it is stored or shutdown), then XACKs.
@@ -252,12 +280,21 @@ async fn write_and_ack(
     if batch.iter().all(|(_, ids)| ids.is_empty()) {
         return;
     }
-    let (events, transitions) = rows(batch, keys);
+    let rows = rows(batch, keys);
     let mut backoff = Duration::from_millis(100);
     loop {
         let start = std::time::Instant::now();
-        match store.archive(&events, &transitions).await {
-            Ok(counts) => {
+        let written = match store.archive(&rows.events, &rows.transitions).await {
+            Ok(counts) => store
+                .archive_commands(&rows.commands)
+                .await
+                .map(|commands| (counts, commands)),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok((counts, commands)) => {
+                metrics::counter!("iot_archive_rows_total", "table" => "command_events")
+                    .increment(commands);
                 metrics::histogram!("iot_archive_batch_duration_seconds")
                     .record(start.elapsed().as_secs_f64());
                 metrics::counter!("iot_archive_rows_total", "table" => "events")

@@ -321,3 +321,71 @@ async fn postgres_outage_loses_nothing() {
     token.cancel();
     task.await.expect("archiver task");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_log_holds_every_state_change() {
+    use iot_downlink::{CommandStore, NewCommand, Settings, Status, Transition, route};
+    let redis = RedisServer::start();
+    let db = TestDb::create().await;
+    let store = store_at(db.url()).await;
+    let pool = pool(&redis).await;
+    let commands = CommandStore::new(
+        pool.clone(),
+        Keys::default(),
+        Settings::from(&iot_core::config::DownlinkConfig::default()),
+    );
+    let new = |queue| NewCommand {
+        phy_id: PhyId::new("dev-cmd").expect("phy"),
+        name: "reboot".into(),
+        payload: vec![0, 1, 2],
+        ttl: None,
+        queue_if_offline: queue,
+    };
+    let failed = route::submit(&commands, new(false)).await.expect("submit");
+    let queued = route::submit(&commands, new(true)).await.expect("submit");
+    let now = iot_core::time::now_ms();
+    commands
+        .transition(&queued.id, &Transition::to(Status::Sent), now + 1)
+        .await
+        .expect("sent");
+    commands
+        .transition(&queued.id, &Transition::to(Status::Acked), now + 2)
+        .await
+        .expect("acked");
+
+    let token = CancellationToken::new();
+    let task = tokio::spawn(archiver::run(
+        pool.clone(),
+        store.clone(),
+        Health::default(),
+        opts("archiver-a"),
+        token.clone(),
+    ));
+    let rows = eventually(Duration::from_secs(20), "commands archived", || async {
+        let rows = store
+            .commands(Some("dev-cmd"), None, None, 10)
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows.len() == 2 && rows.iter().any(|r| r.status == "acked") {
+            Ok(rows)
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await;
+    let f = rows.iter().find(|r| r.id == failed.id).expect("failed one");
+    assert_eq!(f.status, "failed");
+    assert_eq!(f.reason.as_deref(), Some("offline"));
+    let changes = store.command_changes(queued.id).await.expect("changes");
+    assert_eq!(
+        changes.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["queued", "sent", "acked"]
+    );
+    let by_status = store
+        .commands(None, Some("acked"), None, 10)
+        .await
+        .expect("by status");
+    assert_eq!(by_status.len(), 1);
+    token.cancel();
+    task.await.expect("archiver");
+}
