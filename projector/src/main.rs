@@ -1,8 +1,9 @@
-//! `iot-projector`: Projector: turns the event streams into session views, the online index and the lifecycle stream.
+//! `iot-projector`: turns the event streams into session views, the online
+//! index and the lifecycle stream; `iot-projector rebuild` re-derives them.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use iot_service::cli::CommonArgs;
 use iot_service::startup::{Context, bind, main_with};
 
@@ -12,6 +13,20 @@ use iot_service::startup::{Context, bind, main_with};
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Re-derive every session view and index from what the event streams
+    /// still hold, then exit (safe while projectors run).
+    Rebuild {
+        /// Delete the views, their connection keys and the shard indexes
+        /// first, for a clean rebuild (no lifecycle entries are written).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -19,13 +34,23 @@ fn main() -> ExitCode {
     main_with(
         cli.common.config.as_deref(),
         |config, shutdown| async move {
-            let http_addr = config
-                .http
-                .listen_addr(projector::DEFAULT_HTTP_PORT)
-                .map_err(anyhow::Error::msg)?;
-            let ctx = Context::start(config, shutdown).await?;
-            let http = bind(http_addr, "http.listen").await?;
-            projector::run(ctx, http).await
+            match cli.command {
+                Some(Command::Rebuild { reset }) => {
+                    let ctx = Context::start(config, shutdown).await?;
+                    let summary = projector::rebuild(&ctx, reset).await?;
+                    println!("{summary}");
+                    Ok(())
+                }
+                None => {
+                    let http_addr = config
+                        .http
+                        .listen_addr(projector::DEFAULT_HTTP_PORT)
+                        .map_err(anyhow::Error::msg)?;
+                    let ctx = Context::start(config, shutdown).await?;
+                    let http = bind(http_addr, "http.listen").await?;
+                    projector::run(ctx, http).await
+                }
+            }
         },
     )
 }

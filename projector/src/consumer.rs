@@ -1,0 +1,378 @@
+//! The consumer: reads every event shard as one member of the projectors'
+//! consumer group, applies each batch, and acknowledges an entry only once
+//! its effects are stored.
+//!
+//! At start it first re-applies the entries still pending for its own name
+//! (a restart after a crash), then reads new entries with a blocking
+//! XREADGROUP on a connection of its own. Every `claim_interval` it takes
+//! over entries left pending longer than `claim_idle` by any consumer
+//! (XAUTOCLAIM), so a dead projector's work is finished by a live one.
+//! Undecodable entries are logged, counted and acknowledged. Redis errors are
+//! logged and counted, and the operation is retried with backoff until it
+//! succeeds or the service stops; a batch that is interrupted is simply
+//! delivered again later (every step is idempotent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use iot_core::keys::PROJECTOR_GROUP;
+use iot_service::{Health, RedisPool, Status};
+use redis::aio::ConnectionManager;
+use redis::{RedisError, RedisResult, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::metrics;
+use crate::projection::{Item, Lifecycle, Projection};
+use crate::stream::{self, Payload, StreamEntry};
+
+/// Name of the health check the consumer keeps.
+pub const HEALTH_CHECK: &str = "projector";
+
+/// Most entries claimed from one shard per claim round.
+const CLAIM_ROUND_MAX: usize = 10_000;
+
+/// The consumer loop's state.
+pub struct Consumer {
+    projection: Arc<Projection>,
+    redis: RedisPool,
+    health: Health,
+    shutdown: CancellationToken,
+    keys: Vec<String>,
+    shard_of_key: HashMap<String, u16>,
+}
+
+/// Whether `e` says the consumer group (or its stream) is missing, as after
+/// Redis lost its data.
+fn is_nogroup(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
+}
+
+/// Creates the consumer group on every shard (from id 0, with MKSTREAM) where
+/// it is missing.
+pub async fn ensure_groups(
+    conn: &mut ConnectionManager,
+    projection: &Projection,
+) -> RedisResult<()> {
+    let s = projection.settings();
+    for shard in s.shard_range() {
+        let res: RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(s.keys.events(shard))
+            .arg(PROJECTOR_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match res {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") || e.to_string().contains("BUSYGROUP") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Consumer {
+    /// A consumer for `projection`.
+    pub fn new(
+        projection: Arc<Projection>,
+        redis: RedisPool,
+        health: Health,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let s = projection.settings();
+        let keys: Vec<String> = s.shard_range().map(|i| s.keys.events(i)).collect();
+        let shard_of_key = s
+            .shard_range()
+            .map(|i| (s.keys.events(i), i))
+            .collect::<HashMap<_, _>>();
+        Self {
+            projection,
+            redis,
+            health,
+            shutdown,
+            keys,
+            shard_of_key,
+        }
+    }
+
+    fn failed(&self, op: &'static str, e: &RedisError, backoff: &Backoff) {
+        metrics::redis_error(op);
+        tracing::warn!(op, error = %e, retry_in = ?backoff.current(), "Redis operation failed; retrying");
+        self.health.set(
+            HEALTH_CHECK,
+            Status::Degraded,
+            Some(format!("{op} failing: {e}")),
+            None,
+        );
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(self) {
+        let s = self.projection.settings();
+        let consumer = s.consumer.clone();
+        let mut backoff = Backoff::default();
+        // A connection of its own for the blocking reads.
+        let mut reader = loop {
+            match self.redis.dedicated().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    self.failed("connect", &e, &backoff);
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut setup = true;
+        // Shards whose own pending entries are still being re-applied, with
+        // the id read up to.
+        let mut own_pending: BTreeMap<u16, String> =
+            s.shard_range().map(|i| (i, "0".to_owned())).collect();
+        let mut next_claim = Instant::now() + s.claim_interval;
+        while !self.shutdown.is_cancelled() {
+            if setup {
+                let r = async {
+                    ensure_groups(&mut reader, &self.projection).await?;
+                    self.projection.scripts().load(&mut reader).await
+                }
+                .await;
+                match r {
+                    Ok(()) => {
+                        setup = false;
+                        backoff.reset();
+                        self.health.set(HEALTH_CHECK, Status::Ok, None, None);
+                    }
+                    Err(e) => {
+                        self.failed("setup", &e, &backoff);
+                        if !backoff.wait(&self.shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if Instant::now() >= next_claim {
+                self.claim().await;
+                next_claim = Instant::now() + s.claim_interval;
+            }
+            let redelivered = !own_pending.is_empty();
+            let read = if redelivered {
+                self.read_own_pending(&mut reader, &mut own_pending).await
+            } else {
+                self.read_new(&mut reader).await
+            };
+            match read {
+                Ok(entries) => {
+                    backoff.reset();
+                    if !entries.is_empty() {
+                        self.process(entries, redelivered).await;
+                    }
+                }
+                Err(e) => {
+                    if is_nogroup(&e) {
+                        setup = true;
+                    }
+                    self.failed("xreadgroup", &e, &backoff);
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %consumer, "consumer stopped");
+    }
+
+    async fn read_new(&self, conn: &mut ConnectionManager) -> RedisResult<Vec<StreamEntry>> {
+        let s = self.projection.settings();
+        let block_ms = u64::try_from(s.block.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(PROJECTOR_GROUP)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(s.per_shard_count())
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.keys);
+        for _ in &self.keys {
+            cmd.arg(">");
+        }
+        let reply: Value = cmd.query_async(conn).await?;
+        Ok(stream::parse_read(reply, &self.shard_of_key))
+    }
+
+    /// Reads this consumer's own pending entries (delivered before a
+    /// restart), shard by shard, advancing `cursors`; a shard with nothing
+    /// left is dropped from them.
+    async fn read_own_pending(
+        &self,
+        conn: &mut ConnectionManager,
+        cursors: &mut BTreeMap<u16, String>,
+    ) -> RedisResult<Vec<StreamEntry>> {
+        let s = self.projection.settings();
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(PROJECTOR_GROUP)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(s.per_shard_count())
+            .arg("STREAMS");
+        for shard in cursors.keys() {
+            cmd.arg(s.keys.events(*shard));
+        }
+        for id in cursors.values() {
+            cmd.arg(id);
+        }
+        let reply: Value = cmd.query_async(conn).await?;
+        let entries = stream::parse_read(reply, &self.shard_of_key);
+        let mut last: BTreeMap<u16, String> = BTreeMap::new();
+        for e in &entries {
+            last.insert(e.shard, e.id.clone());
+        }
+        cursors.retain(|shard, cursor| match last.remove(shard) {
+            Some(id) => {
+                *cursor = id;
+                true
+            }
+            None => false,
+        });
+        if !entries.is_empty() {
+            tracing::info!(entries = entries.len(), "re-applying own pending entries");
+        }
+        Ok(entries)
+    }
+
+    /// Takes over entries idle longer than `claim_idle` on every shard.
+    async fn claim(&self) {
+        let s = self.projection.settings();
+        let idle_ms = u64::try_from(s.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.redis.get();
+        for shard in s.shard_range() {
+            let mut start = "0-0".to_owned();
+            let mut taken = 0usize;
+            loop {
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
+                let reply: RedisResult<Value> = redis::cmd("XAUTOCLAIM")
+                    .arg(s.keys.events(shard))
+                    .arg(PROJECTOR_GROUP)
+                    .arg(&s.consumer)
+                    .arg(idle_ms)
+                    .arg(&start)
+                    .arg("COUNT")
+                    .arg(s.batch_size)
+                    .query_async(&mut conn)
+                    .await;
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Not worth a retry loop: the next round claims them.
+                        metrics::redis_error("xautoclaim");
+                        tracing::warn!(shard, error = %e, "XAUTOCLAIM failed");
+                        return;
+                    }
+                };
+                let (next, entries) = stream::parse_autoclaim(shard, reply);
+                if !entries.is_empty() {
+                    metrics::claimed(entries.len() as u64);
+                    tracing::info!(
+                        shard,
+                        entries = entries.len(),
+                        "claimed idle pending entries"
+                    );
+                    taken += entries.len();
+                    self.process(entries, true).await;
+                }
+                if next == "0-0" || taken >= CLAIM_ROUND_MAX {
+                    break;
+                }
+                start = next;
+            }
+        }
+    }
+
+    /// Applies entries, then acknowledges them. Retries until done or the
+    /// service stops (then the entries stay pending for a later delivery).
+    async fn process(&self, entries: Vec<StreamEntry>, redelivered: bool) {
+        let started = Instant::now();
+        let mut items = Vec::with_capacity(entries.len());
+        let mut bad = 0u64;
+        for e in &entries {
+            match stream::decode(&e.payload) {
+                Ok(Some(entry)) => items.push(Item { entry, redelivered }),
+                Ok(None) => {}
+                Err(err) => {
+                    bad += 1;
+                    tracing::warn!(shard = e.shard, id = %e.id, error = %err,
+                        "undecodable stream entry; acknowledged and skipped");
+                }
+            }
+        }
+        let mut conn = self.redis.get();
+        let mut backoff = Backoff::default();
+        let applied = loop {
+            let now = iot_core::time::now_ms();
+            match self
+                .projection
+                .apply(&mut conn, &items, Lifecycle::Emit, now)
+                .await
+            {
+                Ok(a) => break a,
+                Err(e) => {
+                    self.failed("apply", &e, &backoff);
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        };
+        if bad + applied.bad_events > 0 {
+            metrics::bad_entries(bad + applied.bad_events);
+        }
+        let mut by_shard: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+        for e in &entries {
+            by_shard.entry(e.shard).or_default().push(e.id.as_str());
+        }
+        let s = self.projection.settings();
+        let mut pipe = redis::pipe();
+        for (shard, ids) in &by_shard {
+            pipe.cmd("XACK")
+                .arg(s.keys.events(*shard))
+                .arg(PROJECTOR_GROUP)
+                .arg(ids)
+                .ignore();
+        }
+        loop {
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.failed("xack", &e, &backoff);
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+        self.health.set(HEALTH_CHECK, Status::Ok, None, None);
+        metrics::batch(entries.len(), started.elapsed());
+        let deleted = entries
+            .iter()
+            .filter(|e| e.payload == Payload::Deleted)
+            .count();
+        tracing::debug!(
+            entries = entries.len(),
+            events = applied.events,
+            flips = applied.flips.len(),
+            deleted,
+            took_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "batch applied"
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! Applying events to Redis: the device scripts, then everything outside
+//! the device's slot that follows from their records (the shard index, the
+//! connection key, the instance's connection set).
+//!
+//! Two round trips per batch, each a pipeline: first every device script
+//! call, then the index scripts (one per shard) and the single-key
+//! follow-ups. Every step is idempotent, so a batch that failed half-way is
+//! simply applied again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use iot_core::keys::shard_of;
+use iot_core::{Entry, Event, PhyId, ServerId};
+use redis::RedisResult;
+use redis::aio::ConnectionLike;
+use uuid::Uuid;
+
+use crate::metrics;
+use crate::script::{Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips};
+use crate::settings::Settings;
+use crate::stream::event_in_range;
+
+/// Heartbeats per call of the heartbeat script: bounds the time one call
+/// holds Redis (about 2 µs each).
+pub const HEARTBEAT_CHUNK: usize = 64;
+
+/// Index updates per call of the index script.
+const INDEX_CHUNK: usize = 256;
+
+/// One decoded stream entry to apply.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The entry.
+    pub entry: Entry,
+    /// Delivered before (claimed, or pending since a restart): its index
+    /// update may have been lost, so it is always made again.
+    pub redelivered: bool,
+}
+
+/// What applying a batch did.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    /// Events merged.
+    pub events: u64,
+    /// Events skipped as out of range.
+    pub bad_events: u64,
+    /// Flips of the online index.
+    pub flips: Vec<Flip>,
+    /// Devices evaluated (due loop).
+    pub evaluated: u64,
+}
+
+/// How index updates are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Flips append lifecycle entries.
+    Emit,
+    /// Flips change the index only (a rebuild after a reset).
+    Quiet,
+}
+
+/// The projection engine: settings and scripts.
+#[derive(Debug)]
+pub struct Projection {
+    settings: Arc<Settings>,
+    scripts: Scripts,
+}
+
+/// What to do after the device scripts.
+struct FollowUp {
+    outcome: Outcome,
+    lease: bool,
+}
+
+impl Projection {
+    /// A projection with these settings.
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            settings,
+            scripts: Scripts::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The scripts.
+    pub fn scripts(&self) -> &Scripts {
+        &self.scripts
+    }
+
+    /// Applies decoded entries at `now_ms`.
+    pub async fn apply<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        items: &[Item],
+        lifecycle: Lifecycle,
+        now_ms: i64,
+    ) -> RedisResult<Applied> {
+        let s = &*self.settings;
+        let mut pipe = redis::pipe();
+        let mut scripts = 0usize;
+        let mut applied = Applied::default();
+        let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for item in items {
+            match &item.entry {
+                Entry::Event(ev) => {
+                    if !event_in_range(ev) {
+                        applied.bad_events += 1;
+                        tracing::warn!(phy = %ev.phy_id, ts_ms = ev.ts_ms, epoch = ev.epoch,
+                            "event timestamp or epoch out of range; skipped");
+                        continue;
+                    }
+                    pipe.add_command(self.scripts.device_event(s, now_ms, ev, item.redelivered));
+                    scripts += 1;
+                    *kinds.entry(ev.kind.name()).or_default() += 1;
+                }
+                Entry::Heartbeats(batch) => {
+                    let beats: Vec<_> = batch
+                        .beats
+                        .iter()
+                        .filter(|b| {
+                            let ok = crate::stream::in_range(b.ts_ms, b.epoch);
+                            if !ok {
+                                applied.bad_events += 1;
+                            }
+                            ok
+                        })
+                        .collect();
+                    for chunk in beats.chunks(HEARTBEAT_CHUNK) {
+                        pipe.add_command(self.scripts.heartbeats(
+                            s,
+                            now_ms,
+                            &batch.server_id,
+                            chunk,
+                            item.redelivered,
+                        ));
+                        scripts += 1;
+                    }
+                    *kinds.entry("heartbeat").or_default() += beats.len() as u64;
+                }
+            }
+        }
+        if scripts == 0 {
+            return Ok(applied);
+        }
+        let replies = self.scripts.query(conn, &pipe).await?;
+        let mut follow = Vec::new();
+        for reply in replies {
+            for outcome in Outcome::parse_all("device", reply)? {
+                follow.push(FollowUp {
+                    outcome,
+                    lease: false,
+                });
+            }
+        }
+        applied.flips = self.follow_up(conn, follow, lifecycle, now_ms).await?;
+        for (kind, n) in kinds {
+            applied.events += n;
+            metrics::events_applied(kind, n);
+        }
+        Ok(applied)
+    }
+
+    /// Evaluates devices at `now_ms` (no event) and updates their index;
+    /// `lease`: remove the due loop's lease.
+    pub async fn evaluate<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        phys: &[PhyId],
+        lease: bool,
+        now_ms: i64,
+    ) -> RedisResult<Applied> {
+        let mut applied = Applied::default();
+        if phys.is_empty() {
+            return Ok(applied);
+        }
+        let s = &*self.settings;
+        let mut pipe = redis::pipe();
+        for phy in phys {
+            pipe.add_command(self.scripts.device_eval(s, now_ms, phy));
+        }
+        let replies = self.scripts.query(conn, &pipe).await?;
+        let mut follow = Vec::new();
+        for reply in replies {
+            for outcome in Outcome::parse_all("device", reply)? {
+                follow.push(FollowUp { outcome, lease });
+            }
+        }
+        applied.evaluated = phys.len() as u64;
+        applied.flips = self
+            .follow_up(conn, follow, Lifecycle::Emit, now_ms)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Index updates (one index call per shard and chunk) and the
+    /// single-key follow-ups, in one pipeline. `now_ms` dates a view found
+    /// gone.
+    async fn follow_up<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        follow: Vec<FollowUp>,
+        lifecycle: Lifecycle,
+        now_ms: i64,
+    ) -> RedisResult<Vec<Flip>> {
+        let s = &*self.settings;
+        let mut pipe = redis::pipe();
+        let mut by_shard: BTreeMap<u16, Vec<IndexUpdate>> = BTreeMap::new();
+        for f in follow {
+            match f.outcome {
+                Outcome::Gone { phy } => {
+                    by_shard
+                        .entry(shard_of(&phy, s.shards))
+                        .or_default()
+                        .push(IndexUpdate::Gone {
+                            phy,
+                            now_ms,
+                            lease: f.lease,
+                        });
+                }
+                Outcome::TouchConn { phy, conn } => {
+                    self.touch_conn(&mut pipe, &phy, &conn);
+                }
+                Outcome::Settled(record) => {
+                    self.bindings(&mut pipe, &record);
+                    by_shard
+                        .entry(shard_of(&record.phy, s.shards))
+                        .or_default()
+                        .push(IndexUpdate::State {
+                            record,
+                            lease: f.lease,
+                        });
+                }
+            }
+        }
+        for (shard, updates) in &by_shard {
+            for chunk in updates.chunks(INDEX_CHUNK) {
+                pipe.add_command(self.scripts.index(
+                    s,
+                    *shard,
+                    lifecycle == Lifecycle::Quiet,
+                    chunk,
+                ));
+            }
+        }
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only the index calls are not ignored, so they are the replies.
+        let replies = self.scripts.query(conn, &pipe).await?;
+        let mut flips = Vec::new();
+        for reply in replies {
+            flips.extend(parse_flips(reply)?);
+        }
+        for f in &flips {
+            metrics::transition(f.online, &f.reason);
+        }
+        Ok(flips)
+    }
+
+    fn touch_conn(&self, pipe: &mut redis::Pipeline, phy: &str, conn: &str) {
+        if let Ok(id) = Uuid::parse_str(conn) {
+            pipe.cmd("SET")
+                .arg(self.settings.keys.conn(&id))
+                .arg(phy)
+                .arg("PX")
+                .arg(self.settings.ttl_ms)
+                .ignore();
+        }
+    }
+
+    /// The connection key and the instance's connection set of a record.
+    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record) {
+        let keys = &self.settings.keys;
+        if let Some(conn) = &r.conn
+            && r.touch_conn
+        {
+            self.touch_conn(pipe, &r.phy, conn);
+        }
+        if !r.binding {
+            return;
+        }
+        if let (Some(conn), Some(server)) = (&r.conn, &r.server)
+            && let Ok(server) = ServerId::new(server.as_str())
+        {
+            let key = keys.server_conns(&server);
+            if r.live {
+                pipe.sadd(key, conn).ignore();
+            } else {
+                pipe.srem(key, conn).ignore();
+            }
+        }
+        if let Some((conn, server)) = &r.superseded
+            && let Ok(server) = ServerId::new(server.as_str())
+        {
+            pipe.srem(keys.server_conns(&server), conn).ignore();
+        }
+    }
+}
+
+/// Merges events into a fresh [`iot_core::SessionView`] (the pure twin of
+/// what the scripts store), for tests and tools.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> iot_core::SessionView {
+    let mut v = iot_core::SessionView::default();
+    for e in events {
+        v.apply(e);
+    }
+    v
+}

@@ -1,0 +1,483 @@
+//! The projector's Redis function library (Lua, `src/lua/`) and the Rust
+//! side of its calls: argument lists and the records they return.
+//!
+//! - `device`: merges one event into a device's view, or evaluates the view
+//!   at `now` (keys: the view only, so it stays in the device's hash slot).
+//! - `heartbeats`: merges a batch of heartbeats, one view per key (several
+//!   slots: on Redis Cluster call it with one device per call).
+//! - `index`: the shard-level projection (online index, revisions,
+//!   lifecycle, due, known), all keys in the shard's slot.
+//! - `due`: leases the devices of a shard whose evaluation is due.
+//!
+//! A function library (Redis 7 `FUNCTION LOAD`, called with `FCALL`) rather
+//! than scripts: the library's code runs once at load, so a call pays only
+//! for its own work (an `EVALSHA` of the same code spent about 5 µs per call
+//! re-creating its helpers). The library and function names carry a hash of
+//! the code, so projectors of different versions can share one Redis. When
+//! Redis has lost the library (restart, `FUNCTION FLUSH`) it is loaded again.
+//!
+//! The merge and the policy in `lua/view.lua` are the Lua twins of
+//! [`iot_core::SessionView::apply`] and [`iot_core::Policy::evaluate`]; the
+//! crate's tests check them against each other.
+
+use iot_core::event::Heartbeat;
+use iot_core::{Event, EventKind, PhyId, ServerId};
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
+
+use crate::settings::Settings;
+
+const LUA_FILES: [&str; 5] = [
+    include_str!("lua/view.lua"),
+    include_str!("lua/device.lua"),
+    include_str!("lua/heartbeats.lua"),
+    include_str!("lua/index.lua"),
+    include_str!("lua/due.lua"),
+];
+
+/// Number of values in one record returned by the device functions.
+pub const RECORD_LEN: usize = 18;
+
+/// Number of values in one index update.
+const INDEX_RECORD_LEN: usize = 10;
+
+/// The function library: its code and the prefix of its function names.
+#[derive(Debug, Clone)]
+pub struct Scripts {
+    code: String,
+    prefix: String,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a function's reply could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply from the {script} function: {detail}")]
+pub struct ReplyError {
+    /// Which function.
+    pub script: &'static str,
+    /// What was wrong.
+    pub detail: String,
+}
+
+impl From<ReplyError> for RedisError {
+    fn from(e: ReplyError) -> Self {
+        RedisError::from((
+            ErrorKind::UnexpectedReturnType,
+            "unexpected function reply",
+            e.to_string(),
+        ))
+    }
+}
+
+/// The one-letter event kind code used by the scripts.
+pub fn kind_code(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Connected { .. } => "c",
+        EventKind::Heartbeat => "h",
+        EventKind::Uplink { .. } => "u",
+        EventKind::TcpDown { .. } => "t",
+        EventKind::Disconnected => "d",
+        EventKind::Ack { .. } => "a",
+        EventKind::AckTimeout { .. } => "x",
+    }
+}
+
+impl Scripts {
+    /// Builds the library.
+    pub fn new() -> Self {
+        let body = LUA_FILES.join("\n");
+        // Script::new computes the SHA1 of the code: a stable version tag.
+        let hash = Script::new(&body).get_hash()[..12].to_owned();
+        let name = format!("iotproj_{hash}");
+        Self {
+            code: format!("#!lua name={name}\nlocal FN = '{name}_'\n{body}"),
+            prefix: format!("{name}_"),
+        }
+    }
+
+    /// The library's code, as loaded.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// Loads the library into Redis (`FUNCTION LOAD REPLACE`).
+    pub async fn load<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<()> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.code)
+            .query_async::<()>(conn)
+            .await
+    }
+
+    /// Runs `pipe` (function calls); when Redis has lost the library, loads
+    /// it and runs the pipeline once more. Every call is idempotent, so
+    /// running one twice is harmless.
+    pub async fn query<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        pipe: &Pipeline,
+    ) -> RedisResult<Vec<Value>> {
+        match pipe.query_async::<Vec<Value>>(conn).await {
+            Err(e) if is_noscript(&e) => {
+                self.load(conn).await?;
+                pipe.query_async(conn).await
+            }
+            other => other,
+        }
+    }
+
+    fn common(cmd: &mut Cmd, s: &Settings, now_ms: i64) {
+        let p = &s.policy;
+        cmd.arg(now_ms)
+            .arg(if p.enabled { "1" } else { "0" })
+            .arg(p.heartbeat_timeout_ms)
+            .arg(p.tcp_down_window_ms)
+            .arg(p.ack_window_ms)
+            // Display of f64 is the shortest string that reads back as the
+            // same double, which is what Lua's tonumber does.
+            .arg(format!("{}", p.tcp_down_penalty))
+            .arg(format!("{}", p.ack_timeout_penalty))
+            .arg(format!("{}", p.threshold))
+            .arg(s.ttl_ms)
+            .arg(s.ttl_ms - s.ttl_ms / 10);
+    }
+
+    fn fcall(&self, function: &str, keys: &[String]) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(format!("{}{function}", self.prefix))
+            .arg(keys.len())
+            .arg(keys);
+        cmd
+    }
+
+    /// Merges `ev` into its device's view and evaluates the policy at
+    /// `now_ms`. `force`: return the full record even when a heartbeat-like
+    /// event changed nothing outside the view (redelivered entries).
+    pub fn device_event(&self, s: &Settings, now_ms: i64, ev: &Event, force: bool) -> Cmd {
+        let mut cmd = self.fcall("device", &[s.keys.device(&ev.phy_id)]);
+        Self::common(&mut cmd, s, now_ms);
+        let reason = match &ev.kind {
+            EventKind::TcpDown { reason } => reason.as_str(),
+            _ => "",
+        };
+        cmd.arg("ev")
+            .arg(ev.phy_id.as_str())
+            .arg(kind_code(&ev.kind))
+            .arg(ev.epoch)
+            .arg(ev.conn_id.to_string())
+            .arg(ev.server_id.as_str())
+            .arg(ev.ts_ms)
+            .arg(reason)
+            .arg(if force { "1" } else { "0" });
+        cmd
+    }
+
+    /// Evaluates a device's view at `now_ms` without an event.
+    pub fn device_eval(&self, s: &Settings, now_ms: i64, phy: &PhyId) -> Cmd {
+        let mut cmd = self.fcall("device", &[s.keys.device(phy)]);
+        Self::common(&mut cmd, s, now_ms);
+        cmd.arg("eval").arg(phy.as_str());
+        cmd
+    }
+
+    /// The Lua policy alone (touches no key; `any_key` only routes the call).
+    pub fn device_policy(
+        &self,
+        s: &Settings,
+        any_key: &str,
+        input: &iot_core::PolicyInput,
+        now_ms: i64,
+    ) -> Cmd {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let mut cmd = self.fcall("device", &[any_key.to_owned()]);
+        Self::common(&mut cmd, s, now_ms);
+        cmd.arg("policy")
+            .arg(opt(input.last_seen))
+            .arg(opt(input.last_tcp_down))
+            .arg(input.last_tcp_down_reason.map(|r| r.as_str()).unwrap_or(""))
+            .arg(opt(input.last_ack_timeout))
+            .arg(if input.disconnected { "1" } else { "0" });
+        cmd
+    }
+
+    /// Merges heartbeats of one instance (each a different device). `force`:
+    /// return every device's record (for redelivered entries, whose index
+    /// update may have been lost).
+    pub fn heartbeats(
+        &self,
+        s: &Settings,
+        now_ms: i64,
+        server: &ServerId,
+        beats: &[&Heartbeat],
+        force: bool,
+    ) -> Cmd {
+        let keys: Vec<String> = beats.iter().map(|b| s.keys.device(&b.phy_id)).collect();
+        let mut cmd = self.fcall("heartbeats", &keys);
+        Self::common(&mut cmd, s, now_ms);
+        cmd.arg(server.as_str()).arg(if force { "1" } else { "0" });
+        for b in beats {
+            cmd.arg(b.phy_id.as_str())
+                .arg(b.conn_id.to_string())
+                .arg(b.epoch)
+                .arg(b.ts_ms);
+        }
+        cmd
+    }
+
+    /// Applies index updates to one shard.
+    pub fn index(&self, s: &Settings, shard: u16, quiet: bool, updates: &[IndexUpdate]) -> Cmd {
+        let k = &s.keys;
+        let keys = [
+            k.online(shard),
+            k.presence_rev(shard),
+            k.lifecycle(shard),
+            k.due(shard),
+            k.known(shard),
+        ];
+        let mut cmd = self.fcall("index", &keys);
+        cmd.arg(s.maxlen).arg(if quiet { "1" } else { "0" });
+        for u in updates {
+            u.write_args(&mut cmd);
+        }
+        cmd
+    }
+
+    /// Leases up to `limit` due devices of a shard until `lease_until_ms`.
+    pub fn due_claim(
+        &self,
+        s: &Settings,
+        shard: u16,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Cmd {
+        let mut cmd = self.fcall("due", &[s.keys.due(shard)]);
+        cmd.arg(now_ms).arg(lease_until_ms).arg(limit);
+        cmd
+    }
+}
+
+/// Whether `e` says the library (or a script) is not loaded.
+pub fn is_noscript(e: &RedisError) -> bool {
+    let text = e.to_string();
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+        || text.contains("NOSCRIPT")
+        || text.contains("Function not found")
+}
+
+/// What a device script says about one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The view does not exist (evaluation only).
+    Gone {
+        /// The device.
+        phy: String,
+    },
+    /// Only the connection key's TTL needs a refresh.
+    TouchConn {
+        /// The device.
+        phy: String,
+        /// Its bound connection.
+        conn: String,
+    },
+    /// The view was merged or evaluated: the shard index must follow.
+    Settled(Record),
+}
+
+/// The state of a view after a script ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The device.
+    pub phy: String,
+    /// Projected online state.
+    pub online: bool,
+    /// Its revision.
+    pub rev: u64,
+    /// Lifecycle reason if the state flipped to this one (`connected`,
+    /// `recovered` or the policy reason).
+    pub lifecycle_reason: String,
+    /// The online state flipped in this call.
+    pub changed: bool,
+    /// The policy reason.
+    pub reason: String,
+    /// When the device must be evaluated again (next change or expiry), ms.
+    pub due_ms: i64,
+    /// Newest timestamp in the view, ms.
+    pub known_ms: i64,
+    /// Bound epoch (0: none).
+    pub epoch: u64,
+    /// Bound connection.
+    pub conn: Option<String>,
+    /// Its instance.
+    pub server: Option<String>,
+    /// The bound connection has not ended.
+    pub live: bool,
+    /// The binding this call replaced (connection, instance).
+    pub superseded: Option<(String, String)>,
+    /// Refresh the bound connection's key.
+    pub touch_conn: bool,
+    /// When the online state last changed, ms.
+    pub since: i64,
+    /// The call merged an event through the full path: maintain the
+    /// instance's connection set.
+    pub binding: bool,
+}
+
+fn nonempty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+impl Outcome {
+    /// Parses the flattened records of one script reply.
+    pub fn parse_all(script: &'static str, value: Value) -> Result<Vec<Outcome>, ReplyError> {
+        let bad = |detail: String| ReplyError { script, detail };
+        let items: Vec<String> = redis::FromRedisValue::from_redis_value(value)
+            .map_err(|e| bad(format!("not a list of strings: {e}")))?;
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < items.len() {
+            if items.get(i + 1).map(String::as_str) == Some("g") {
+                out.push(Outcome::Gone {
+                    phy: items[i].clone(),
+                });
+                i += 2;
+                continue;
+            }
+            let rec = items
+                .get(i..i + RECORD_LEN)
+                .ok_or_else(|| bad(format!("record at {i} of {} is short", items.len())))?;
+            out.push(Self::parse_record(rec).map_err(bad)?);
+            i += RECORD_LEN;
+        }
+        Ok(out)
+    }
+
+    fn parse_record(r: &[String]) -> Result<Outcome, String> {
+        let num = |i: usize| -> Result<i64, String> {
+            r[i].parse()
+                .map_err(|_| format!("field {} is {:?}, not a number", i + 1, r[i]))
+        };
+        match r[1].as_str() {
+            "n" => Ok(Outcome::TouchConn {
+                phy: r[0].clone(),
+                conn: r[10].clone(),
+            }),
+            "i" => Ok(Outcome::Settled(Record {
+                phy: r[0].clone(),
+                online: r[2] == "1",
+                rev: u64::try_from(num(3)?).map_err(|_| "negative rev".to_owned())?,
+                lifecycle_reason: r[4].clone(),
+                changed: r[5] == "1",
+                reason: r[6].clone(),
+                due_ms: num(7)?,
+                known_ms: num(8)?,
+                epoch: u64::try_from(num(9)?).map_err(|_| "negative epoch".to_owned())?,
+                conn: nonempty(&r[10]),
+                server: nonempty(&r[11]),
+                live: r[12] == "1",
+                superseded: nonempty(&r[13]).map(|c| (c, r[14].clone())),
+                touch_conn: r[15] == "1",
+                since: num(16)?,
+                binding: r[17] == "1",
+            })),
+            other => Err(format!("unknown record status {other:?}")),
+        }
+    }
+}
+
+/// One update of a shard's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexUpdate {
+    /// The device's state at a revision.
+    State {
+        /// Its record.
+        record: Record,
+        /// Remove the due lease taken by the due loop.
+        lease: bool,
+    },
+    /// The device's view expired (found missing when evaluated at `now_ms`).
+    Gone {
+        /// The device.
+        phy: String,
+        /// The evaluation time.
+        now_ms: i64,
+        /// Remove the due lease.
+        lease: bool,
+    },
+}
+
+impl IndexUpdate {
+    /// The device.
+    pub fn phy(&self) -> &str {
+        match self {
+            Self::State { record, .. } => &record.phy,
+            Self::Gone { phy, .. } => phy,
+        }
+    }
+
+    fn write_args(&self, cmd: &mut Cmd) {
+        let start = cmd.args_iter().count();
+        match self {
+            Self::State { record: r, lease } => {
+                cmd.arg("u")
+                    .arg(&r.phy)
+                    .arg(if r.online { "1" } else { "0" })
+                    .arg(r.rev)
+                    .arg(&r.lifecycle_reason)
+                    .arg(r.since)
+                    .arg(r.epoch)
+                    .arg(r.due_ms)
+                    .arg(r.known_ms)
+                    .arg(if *lease { "1" } else { "0" });
+            }
+            Self::Gone { phy, now_ms, lease } => {
+                cmd.arg("g")
+                    .arg(phy)
+                    .arg("0")
+                    .arg(*now_ms)
+                    .arg("")
+                    .arg(*now_ms)
+                    // The view is gone, so its epoch is unknown: 0.
+                    .arg("0")
+                    .arg("")
+                    .arg("")
+                    .arg(if *lease { "1" } else { "0" });
+            }
+        }
+        debug_assert_eq!(cmd.args_iter().count() - start, INDEX_RECORD_LEN);
+    }
+}
+
+/// One online/offline flip applied to an index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flip {
+    /// The device.
+    pub phy: String,
+    /// The new state.
+    pub online: bool,
+    /// The lifecycle reason.
+    pub reason: String,
+}
+
+/// Parses the reply of the index script.
+pub fn parse_flips(value: Value) -> Result<Vec<Flip>, ReplyError> {
+    let items: Vec<String> =
+        redis::FromRedisValue::from_redis_value(value).map_err(|e| ReplyError {
+            script: "index",
+            detail: format!("not a list of strings: {e}"),
+        })?;
+    Ok(items
+        .chunks_exact(3)
+        .map(|c| Flip {
+            phy: c[0].clone(),
+            online: c[1] == "1",
+            reason: c[2].clone(),
+        })
+        .collect())
+}

@@ -1,0 +1,264 @@
+//! The shard-level scripts and the lag measurement on a real Redis: stale
+//! revisions are ignored, lifecycle entries appear only on flips, due times
+//! only move earlier, leases hand a device to one evaluator and come back
+//! when it dies, a view found gone leaves every index; lag counts pending
+//! and undelivered entries; lost scripts are reloaded.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use iot_core::keys::{PROJECTOR_GROUP, shard_of};
+use iot_core::{Entry, Keys};
+use iot_test_support::{RedisServer, unique_prefix};
+use projector::projection::{Item, Lifecycle};
+use projector::script::{IndexUpdate, Record, parse_flips};
+use projector::{Projection, Settings};
+use redis::AsyncCommands;
+
+const SHARDS: u16 = 2;
+
+fn projection(url: &str, prefix: &str) -> Projection {
+    let c = config(url, prefix, SHARDS);
+    Projection::new(Arc::new(Settings::from_config(&c, &srv("t"))))
+}
+
+fn record(phy: &str, online: bool, rev: u64, due: i64) -> Record {
+    Record {
+        phy: phy.into(),
+        online,
+        rev,
+        lifecycle_reason: if online {
+            "connected".into()
+        } else {
+            "heartbeat_expired".into()
+        },
+        changed: true,
+        reason: "heartbeat_fresh".into(),
+        due_ms: due,
+        known_ms: 1000 + rev as i64,
+        epoch: 1,
+        conn: None,
+        server: None,
+        live: true,
+        superseded: None,
+        touch_conn: false,
+        since: 1000,
+        binding: false,
+    }
+}
+
+#[tokio::test]
+async fn index_ignores_stale_revisions_and_flips_once() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    p.scripts().load(&mut conn).await.unwrap();
+    let d = "dev-x";
+    let shard = shard_of(d, SHARDS);
+    let s = p.settings();
+    let shared = conn.clone();
+    let send = |u: IndexUpdate| {
+        let cmd = p.scripts().index(s, shard, false, &[u]);
+        let mut conn = shared.clone();
+        async move { parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap() }
+    };
+    let state = |online, rev, due| IndexUpdate::State {
+        record: record(d, online, rev, due),
+        lease: false,
+    };
+
+    assert_eq!(send(state(true, 10, 5000)).await.len(), 1);
+    assert!(send(state(true, 10, 6000)).await.is_empty(), "duplicate");
+    assert!(send(state(false, 9, 6000)).await.is_empty(), "stale");
+    assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let flips = send(state(false, 11, 4000)).await;
+    assert_eq!((flips.len(), flips[0].online), (1, false));
+    assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.iter().map(|t| (t.online, t.rev)).collect::<Vec<_>>(),
+        vec![(true, 10), (false, 11)]
+    );
+    let due: f64 = conn.zscore(keys.due(shard), d).await.unwrap();
+    assert_eq!(due, 4000.0, "due only moves earlier");
+    let known: f64 = conn.zscore(keys.known(shard), d).await.unwrap();
+    assert_eq!(known, 1011.0);
+
+    // Online again, then the view is found gone: an evaluation older than
+    // the stored revision is ignored, a newer one clears every index.
+    assert_eq!(send(state(true, 12, 4000)).await.len(), 1);
+    assert!(
+        send(IndexUpdate::Gone {
+            phy: d.into(),
+            now_ms: 12,
+            lease: false
+        })
+        .await
+        .is_empty()
+    );
+    assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let flips = send(IndexUpdate::Gone {
+        phy: d.into(),
+        now_ms: 5000,
+        lease: false,
+    })
+    .await;
+    assert_eq!(flips.len(), 1);
+    assert!(online_set(&mut conn, &keys, SHARDS).await.is_empty());
+    let known: Option<f64> = conn.zscore(keys.known(shard), d).await.unwrap();
+    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
+    let rev: Option<String> = conn.hget(keys.presence_rev(shard), d).await.unwrap();
+    assert_eq!((known, due, rev), (None, None, None));
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.last().map(|t| (t.online, t.reason.as_str(), t.rev)),
+        Some((false, "heartbeat_expired", 13))
+    );
+}
+
+#[tokio::test]
+async fn due_leases_hand_a_device_to_one_evaluator_and_return_when_it_dies() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    // A real view, due long ago.
+    let t = iot_core::time::now_ms();
+    let items = vec![Item {
+        entry: Entry::Event(ev("dev-l", 1, "s", t, connected())),
+        redelivered: false,
+    }];
+    p.apply(&mut conn, &items, Lifecycle::Emit, t)
+        .await
+        .unwrap();
+    let shard = shard_of("dev-l", SHARDS);
+    let _: () = conn.zadd(keys.due(shard), "dev-l", 100).await.unwrap();
+    let s = p.settings();
+    let shared = conn.clone();
+    let claim = |now: i64| {
+        let cmd = p.scripts().due_claim(s, shard, now, now + 5000, 10);
+        let mut conn = shared.clone();
+        async move { cmd.query_async::<Vec<String>>(&mut conn).await.unwrap() }
+    };
+    assert_eq!(claim(200).await, vec!["dev-l"]);
+    assert!(claim(300).await.is_empty(), "leased to the first evaluator");
+    // The evaluator died: the lease comes due.
+    assert_eq!(claim(5200).await, vec!["dev-l"]);
+    // This one finishes: the lease goes, the device is due at its next change.
+    let (applied, more) = projector::due::round(&mut conn, &p, 10_400).await.unwrap();
+    assert!(!more);
+    assert_eq!(applied.evaluated, 1, "the lease of 5200 expired at 10200");
+    let members: Vec<(String, f64)> = conn
+        .zrange_withscores(keys.due(shard), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0].0, "dev-l");
+}
+
+#[tokio::test]
+async fn lag_counts_pending_and_undelivered_entries() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    for s in 0..SHARDS {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys.events(s))
+            .arg(PROJECTOR_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for i in 0..10u64 {
+        let _: String = conn
+            .xadd(keys.events(0), format!("{}-0", 1_000 + i), &[("e", "x")])
+            .await
+            .unwrap();
+    }
+    // A consumer takes 4 and acknowledges 1.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(PROJECTOR_GROUP)
+        .arg("c1")
+        .arg("COUNT")
+        .arg(4)
+        .arg("STREAMS")
+        .arg(keys.events(0))
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: u64 = conn
+        .xack(keys.events(0), PROJECTOR_GROUP, &["1000-0"])
+        .await
+        .unwrap();
+    let mut prev = None;
+    let now = 11_000;
+    let lag = projector::lag::measure(&mut conn, p.settings(), &mut prev, now)
+        .await
+        .unwrap();
+    assert_eq!((lag.pending, lag.undelivered, lag.consumers), (3, 6, 1));
+    assert_eq!(lag.oldest_age_ms, now - 1001, "oldest pending is 1001-0");
+    // One more acknowledged and 2 more appended, 1 s later.
+    let _: u64 = conn
+        .xack(keys.events(0), PROJECTOR_GROUP, &["1001-0"])
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(keys.events(0), "2000-0", &[("e", "x")])
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(keys.events(0), "2001-0", &[("e", "x")])
+        .await
+        .unwrap();
+    let lag = projector::lag::measure(&mut conn, p.settings(), &mut prev, now + 1000)
+        .await
+        .unwrap();
+    assert_eq!((lag.pending, lag.undelivered), (2, 8));
+    assert_eq!(lag.added_per_sec, 2.0);
+    assert_eq!(lag.applied_per_sec, 1.0);
+    projector::lag::publish(&mut conn, p.settings(), &lag)
+        .await
+        .unwrap();
+    let f: std::collections::HashMap<String, String> =
+        conn.hgetall(keys.projector_lag()).await.unwrap();
+    assert_eq!(iot_core::registry::Lag::from_fields(&f), lag);
+}
+
+#[tokio::test]
+async fn scripts_lost_by_redis_are_loaded_again() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let t = iot_core::time::now_ms();
+    let item = |p: &str| Item {
+        entry: Entry::Event(ev(p, 1, "s", t, connected())),
+        redelivered: false,
+    };
+    p.apply(&mut conn, &[item("dev-1")], Lifecycle::Emit, t)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    p.apply(&mut conn, &[item("dev-2")], Lifecycle::Emit, t)
+        .await
+        .unwrap();
+    assert_eq!(online_set(&mut conn, &keys, SHARDS).await.len(), 2);
+}
