@@ -33,10 +33,13 @@
 //! - [`reaper`]: `tcp_down` (server_lost) for the sessions of lapsed ingests.
 //! - [`lag`]: the consumer group's lag, for the API and the metrics.
 //! - [`rebuild`](mod@rebuild): re-deriving every view from the streams.
+//! - [`archive`](mod@archive): the PostgreSQL archiver and the downlink command
+//!   sweeper, run beside the projection.
 //! - [`backoff`]: waiting between retries of a failed Redis operation.
 //! - [`metrics`]: the projector's metrics.
 //! - [`run`]: the service, given its context and listener.
 
+pub mod archive;
 pub mod backoff;
 pub mod consumer;
 pub mod due;
@@ -100,6 +103,12 @@ pub async fn run(ctx: Context, http: TcpListener) -> anyhow::Result<()> {
         lag::run(settings.clone(), ctx.redis.clone(), ctx.shutdown.clone())
             .instrument(span.clone()),
     );
+
+    if let Err(e) = archive::spawn(&ctx, &settings, &mut tasks).await {
+        ctx.shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        return Err(e);
+    }
 
     let router = ctx.base_router("projector");
     tracing::info!(server_id = %ctx.server_id, consumer = %settings.consumer,

@@ -74,6 +74,24 @@ impl Store {
         Ok(Self::from_pool(pool))
     }
 
+    /// A pool that connects on first use, so a service can start while
+    /// PostgreSQL is away (its queries fail until it is back).
+    pub fn connect_lazy(cfg: &DatabaseConfig) -> Result<Self, StoreError> {
+        if cfg.url.trim().is_empty() {
+            return Err(StoreError::NotConfigured);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections.max(1))
+            .acquire_timeout(cfg.connect_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .connect_lazy(cfg.url.trim())
+            .map_err(|e| StoreError::Unreachable {
+                url: redact_url(cfg.url.trim()),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::from_pool(pool))
+    }
+
     /// Wraps an existing pool.
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
