@@ -38,7 +38,8 @@ ensure_rust() {
   cargo clippy --version >/dev/null 2>&1 || { command -v rustup >/dev/null && rustup component add clippy; }
 }
 
-# redis-server, redis-cli, PostgreSQL server and client, mosquitto clients.
+# redis-server, redis-cli, PostgreSQL server and client, Mosquitto (broker
+# for the load-test baselines, clients for the device examples).
 ensure_packages() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
@@ -46,6 +47,7 @@ ensure_packages() {
   pg_bin_dir >/dev/null 2>&1 || missing+=(postgresql)
   command -v pg_isready >/dev/null || missing+=(postgresql-client)
   command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+  [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v gcc >/dev/null || missing+=(gcc)
   command -v curl >/dev/null || missing+=(curl ca-certificates)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
