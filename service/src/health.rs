@@ -91,8 +91,11 @@ impl Health {
     }
 }
 
-/// Pings Redis every `interval` and records the `redis` check (down after a
-/// failed PING, ok with the round trip otherwise).
+/// Pings Redis every `interval` and records the `redis` check: ok with the
+/// round trip, or degraded with the error after a failed PING. Degraded, not
+/// down: every service keeps running through a Redis outage (the ingest
+/// keeps its devices and buffers events, the others retry), and `/health`
+/// answers 503 for anything but ok anyway.
 pub fn spawn_redis_probe(
     health: Health,
     pool: RedisPool,
@@ -110,10 +113,10 @@ pub fn spawn_redis_probe(
             match pool.ping().await {
                 Ok(rtt) => health.set("redis", Status::Ok, None, Some(rtt)),
                 Err(e) => {
-                    if health.status_of("redis") != Some(Status::Down) {
+                    if health.status_of("redis") == Some(Status::Ok) {
                         tracing::warn!(error = %e, "Redis does not answer");
                     }
-                    health.set("redis", Status::Down, Some(e.to_string()), None);
+                    health.set("redis", Status::Degraded, Some(e.to_string()), None);
                 }
             }
         }

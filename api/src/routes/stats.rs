@@ -1,0 +1,92 @@
+//! `GET /api/stats`: device counts, event rates and lag.
+
+use axum::Json;
+use axum::extract::State;
+use iot_core::time::now_ms;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{NoParams, StrictQuery};
+use crate::model::LagInfo;
+use crate::state::AppState;
+use crate::timestamp::rfc3339;
+use crate::{instances, presence};
+
+/// Event rates over the projectors' last interval.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventRates {
+    /// Events appended to the streams per second.
+    pub added: f64,
+    /// Events applied by the projectors per second.
+    pub applied: f64,
+}
+
+/// Instance counts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerCounts {
+    /// Instances in the registry or the beats.
+    pub total: usize,
+    /// Of which alive.
+    pub alive: usize,
+}
+
+/// Counts over the whole deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Stats {
+    /// Devices online (the online index).
+    pub online: u64,
+    /// Device connections tracked in Redis (connection sets of all instances).
+    pub connected: u64,
+    /// Devices with a session view (the known index).
+    pub known: u64,
+    /// Event rates.
+    pub events_per_second: EventRates,
+    /// How far the projection lags behind the events.
+    pub lag: LagInfo,
+    /// Ingest instances.
+    pub servers: ServerCounts,
+    /// When this was read, RFC 3339.
+    pub as_of: String,
+}
+
+/// Online, connected and known device counts, events per second and the
+/// projection lag.
+#[utoipa::path(get, path = "/api/stats", tag = "servers",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The counts", body = Stats),
+        (status = 400, description = "Unknown parameter", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody),
+    ))]
+pub async fn stats(
+    State(state): State<AppState>,
+    StrictQuery(NoParams {}): StrictQuery<NoParams>,
+) -> Result<Json<Stats>, ApiError> {
+    let as_of = now_ms();
+    let ((online, known), lag, servers) = state
+        .redis(async {
+            tokio::try_join!(
+                presence::counts(&state),
+                presence::lag(&state),
+                instances::list(&state)
+            )
+        })
+        .await?;
+    Ok(Json(Stats {
+        online,
+        connected: servers.iter().map(|s| s.live_connections).sum(),
+        known,
+        events_per_second: EventRates {
+            added: lag.added_per_sec,
+            applied: lag.applied_per_sec,
+        },
+        lag: LagInfo::from(&lag),
+        servers: ServerCounts {
+            total: servers.len(),
+            alive: servers.iter().filter(|s| s.alive).count(),
+        },
+        as_of: rfc3339(as_of).unwrap_or_default(),
+    }))
+}
