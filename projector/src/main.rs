@@ -26,6 +26,14 @@ enum Command {
         /// first, for a clean rebuild (no lifecycle entries are written).
         #[arg(long)]
         reset: bool,
+        /// How far back the PostgreSQL archive is replayed (when
+        /// database.url is set) for what the streams no longer hold, like
+        /// `2h`; default: the session time-to-live (2 x heartbeat timeout).
+        #[arg(long, value_name = "DURATION", value_parser = iot_core::config::duration::parse)]
+        archive_since: Option<std::time::Duration>,
+        /// Use only the streams, even when PostgreSQL is configured.
+        #[arg(long)]
+        no_archive: bool,
     },
 }
 
@@ -35,9 +43,23 @@ fn main() -> ExitCode {
         cli.common.config.as_deref(),
         |config, shutdown| async move {
             match cli.command {
-                Some(Command::Rebuild { reset }) => {
+                Some(Command::Rebuild {
+                    reset,
+                    archive_since,
+                    no_archive,
+                }) => {
+                    let archive = if no_archive || config.database.url.trim().is_empty() {
+                        None
+                    } else {
+                        let store = iot_store::Store::connect(&config.database).await?;
+                        store.check_schema().await?;
+                        Some(projector::rebuild::ArchiveSource {
+                            store,
+                            since: archive_since.unwrap_or_else(|| config.session_ttl()),
+                        })
+                    };
                     let ctx = Context::start(config, shutdown).await?;
-                    let summary = projector::rebuild(&ctx, reset).await?;
+                    let summary = projector::rebuild(&ctx, reset, archive).await?;
                     println!("{summary}");
                     Ok(())
                 }

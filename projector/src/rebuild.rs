@@ -2,8 +2,13 @@
 //! still hold, through the same scripts as live projection. With `reset`,
 //! the views, their connection keys and the shard indexes are deleted first
 //! and the lifecycle stream is left alone (the index flips of a rebuild are
-//! not transitions of the devices). The PostgreSQL archive joins in with its
-//! own issue.
+//! not transitions of the devices).
+//!
+//! When PostgreSQL is configured, the archive fills in what the streams no
+//! longer hold (entries older than each shard's first entry, with event
+//! times within `archive_since`: a device silent for longer than its view's
+//! time-to-live has no view anyway). The merge is order-independent, so the
+//! archived part and the stream part can be applied one after the other.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +16,9 @@ use iot_service::startup::Context;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Value};
 use uuid::Uuid;
+
+use iot_core::{Entry, Event};
+use iot_store::Store;
 
 use crate::projection::{Item, Lifecycle, Projection};
 use crate::settings::Settings;
@@ -26,6 +34,8 @@ pub struct RebuildSummary {
     pub views_deleted: u64,
     /// Stream entries read.
     pub entries: u64,
+    /// Events read from the PostgreSQL archive.
+    pub archived: u64,
     /// Events applied.
     pub events: u64,
     /// Entries or events that could not be applied.
@@ -42,9 +52,10 @@ impl std::fmt::Display for RebuildSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "rebuild done in {:.1}s: {} stream entries, {} events applied, {} bad, {} views deleted first; {} devices known, {} online",
+            "rebuild done in {:.1}s: {} stream entries, {} archived events, {} events applied, {} bad, {} views deleted first; {} devices known, {} online",
             self.took.as_secs_f64(),
             self.entries,
+            self.archived,
             self.events,
             self.bad,
             self.views_deleted,
@@ -54,12 +65,83 @@ impl std::fmt::Display for RebuildSummary {
     }
 }
 
-/// Rebuilds the views from the streams (see the module doc).
-pub async fn rebuild(ctx: &Context, reset: bool) -> anyhow::Result<RebuildSummary> {
+/// The PostgreSQL part of a rebuild.
+#[derive(Debug, Clone)]
+pub struct ArchiveSource {
+    /// The archive.
+    pub store: Store,
+    /// Only archived events at most this old are replayed.
+    pub since: Duration,
+}
+
+/// Rebuilds the views from the streams, and from the archive when
+/// `archive` is given (see the module doc).
+pub async fn rebuild(
+    ctx: &Context,
+    reset: bool,
+    archive: Option<ArchiveSource>,
+) -> anyhow::Result<RebuildSummary> {
     let settings = std::sync::Arc::new(Settings::from_config(&ctx.config, &ctx.server_id));
     let projection = Projection::new(settings);
     let mut conn = ctx.redis.get();
-    Ok(rebuild_with(&mut conn, &projection, reset).await?)
+    rebuild_with(&mut conn, &projection, reset, archive.as_ref()).await
+}
+
+/// `ms-seq` as a comparable pair.
+fn id_pair(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Replays the archived events of `shard` older than the stream's first entry.
+async fn replay_archive(
+    conn: &mut ConnectionManager,
+    projection: &Projection,
+    lifecycle: Lifecycle,
+    shard: u16,
+    archive: &ArchiveSource,
+    summary: &mut RebuildSummary,
+) -> anyhow::Result<()> {
+    let key = projection.settings().keys.events(shard);
+    let first: Vec<(String, Value)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let first = first.first().map(|(id, _)| id_pair(id));
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(archive.since).unwrap_or(chrono::Duration::days(1));
+    let mut after = None;
+    loop {
+        let (rows, last) = archive
+            .store
+            .replay_events(&key, since, after.as_ref(), CHUNK as i64)
+            .await?;
+        let Some(last) = last else { break };
+        let events: Vec<Event> = rows
+            .into_iter()
+            .filter(|r| first.is_none_or(|f| id_pair(&r.entry_id) < f))
+            .map(|r| r.event)
+            .collect();
+        summary.archived += events.len() as u64;
+        let items: Vec<Item> = events
+            .into_iter()
+            .map(|e| Item {
+                entry: Entry::Event(e),
+                redelivered: true,
+            })
+            .collect();
+        let applied = projection
+            .apply(conn, &items, lifecycle, iot_core::time::now_ms())
+            .await?;
+        summary.events += applied.events;
+        summary.bad += applied.bad_events;
+        after = Some(last);
+    }
+    Ok(())
 }
 
 /// [`rebuild`] on a given connection and projection.
@@ -67,7 +149,8 @@ pub async fn rebuild_with(
     conn: &mut ConnectionManager,
     projection: &Projection,
     reset: bool,
-) -> RedisResult<RebuildSummary> {
+    archive: Option<&ArchiveSource>,
+) -> anyhow::Result<RebuildSummary> {
     let started = Instant::now();
     let s = projection.settings();
     let mut summary = RebuildSummary::default();
@@ -93,6 +176,9 @@ pub async fn rebuild_with(
         Lifecycle::Emit
     };
     for shard in s.shard_range() {
+        if let Some(archive) = archive {
+            replay_archive(conn, projection, lifecycle, shard, archive, &mut summary).await?;
+        }
         let key = s.keys.events(shard);
         let mut from = "-".to_owned();
         loop {

@@ -83,3 +83,74 @@ async fn rebuild_with_reset_gives_the_live_views() {
     assert_eq!(snapshot(&mut conn, &keys, SHARDS).await, before);
     assert_eq!(lifecycle_len(&mut conn, &keys).await, lifecycle_before);
 }
+
+/// With PostgreSQL configured the projector archives every entry and the
+/// archiver trims what every group has processed; a rebuild then takes from
+/// the archive what the streams no longer hold and ends with the same views.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_takes_from_the_archive_what_the_streams_no_longer_hold() {
+    let redis = RedisServer::start();
+    let db = iot_test_support::TestDb::create().await;
+    let mut cfg = config(&redis.url(), &unique_prefix(), SHARDS);
+    cfg.database.url = db.url().to_owned();
+    let store = iot_store::Store::connect(&cfg.database).await.unwrap();
+    store.migrate().await.unwrap();
+    let keys = cfg.keys();
+    let mut conn = connect(&redis.url()).await;
+    let (entries, events) = workload("ar-", 200, 6, iot_core::time::now_ms() - 30_000);
+    inject(&mut conn, &keys, SHARDS, &entries).await;
+
+    let total_entries = entries.len() as u64;
+    let live = start(cfg.clone(), "live-archiving").await;
+    caught_up(&mut conn, &keys, SHARDS, Duration::from_secs(60)).await;
+    iot_test_support::eventually(Duration::from_secs(60), "archived and trimmed", || {
+        let store = store.clone();
+        let mut conn = conn.clone();
+        let keys = keys.clone();
+        async move {
+            let archived = store.count_events().await.map_err(|e| e.to_string())?;
+            let mut left = 0u64;
+            for s in 0..SHARDS {
+                left += conn
+                    .xlen::<_, u64>(keys.events(s))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if archived as u64 == events && left < total_entries / 2 {
+                Ok(())
+            } else {
+                Err(format!("{archived}/{events} archived, {left} entries left"))
+            }
+        }
+    })
+    .await;
+    live.stop().await;
+    let before = snapshot(&mut conn, &keys, SHARDS).await;
+    assert_eq!(before.0.len(), 200);
+
+    let settings = std::sync::Arc::new(projector::Settings::from_config(
+        &cfg,
+        &iot_core::ServerId::new("rebuilder").unwrap(),
+    ));
+    let projection = projector::Projection::new(settings);
+    let archive = projector::rebuild::ArchiveSource {
+        store: store.clone(),
+        since: Duration::from_secs(3600),
+    };
+    let summary = projector::rebuild::rebuild_with(&mut conn, &projection, true, Some(&archive))
+        .await
+        .unwrap();
+    assert!(summary.archived > 0, "{summary}");
+    assert_eq!(summary.views_deleted, 200, "{summary}");
+    assert_eq!(
+        snapshot(&mut conn, &keys, SHARDS).await,
+        before,
+        "{summary}"
+    );
+
+    // Streams alone no longer know most devices.
+    let streams_only = projector::rebuild::rebuild_with(&mut conn, &projection, true, None)
+        .await
+        .unwrap();
+    assert!(streams_only.devices < 200, "{streams_only}");
+}

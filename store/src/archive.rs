@@ -515,3 +515,122 @@ impl Store {
             .await?)
     }
 }
+
+/// An archived event turned back into an [`Event`], with its stream identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayedEvent {
+    /// Stream entry id it was archived from.
+    pub entry_id: String,
+    /// Position inside the entry.
+    pub seq: i32,
+    /// The event (uplink payloads come back empty: a replay does not need them).
+    pub event: iot_core::Event,
+}
+
+/// Position after which [`Store::replay_events`] continues.
+pub type ReplayCursor = (DateTime<Utc>, String, i32);
+
+fn kind_from_row(kind: &str, detail: Option<&Value>) -> Option<EventKind> {
+    let d = |k: &str| detail.and_then(|v| v.get(k));
+    let command = || {
+        d("command_id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok())
+    };
+    Some(match kind {
+        "connected" => EventKind::Connected {
+            keepalive_secs: d("keepalive_secs")
+                .and_then(Value::as_u64)
+                .and_then(|v| u16::try_from(v).ok())
+                .unwrap_or(0),
+            peer: d("peer")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        },
+        "heartbeat" => EventKind::Heartbeat,
+        "uplink" => EventKind::Uplink {
+            topic: d("topic")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            qos: d("qos")
+                .and_then(Value::as_u64)
+                .and_then(|v| u8::try_from(v).ok())
+                .unwrap_or(0),
+            payload: Vec::new(),
+        },
+        "tcp_down" => EventKind::TcpDown {
+            reason: iot_core::TcpDownReason::parse(d("reason").and_then(Value::as_str)?)?,
+        },
+        "disconnected" => EventKind::Disconnected,
+        "ack" => EventKind::Ack {
+            command_id: command()?,
+        },
+        "ack_timeout" => EventKind::AckTimeout {
+            command_id: command()?,
+        },
+        _ => return None,
+    })
+}
+
+impl Store {
+    /// Archived events of one stream with `ts >= since`, in archive order
+    /// after `after`, at most `limit`; rows that no longer parse are skipped.
+    /// Used by `iot-projector rebuild` for what the streams no longer hold.
+    pub async fn replay_events(
+        &self,
+        stream: &str,
+        since: DateTime<Utc>,
+        after: Option<&ReplayCursor>,
+        limit: i64,
+    ) -> Result<(Vec<ReplayedEvent>, Option<ReplayCursor>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT ts, entry_id, seq, phy_id, conn_id, server_id, epoch, kind, detail FROM events
+             WHERE stream = $1 AND ts >= $2
+               AND ($3::timestamptz IS NULL OR (ts, entry_id, seq) > ($3, $4, $5))
+             ORDER BY ts, entry_id, seq LIMIT $6",
+        )
+        .bind(stream)
+        .bind(since)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1.as_str()).unwrap_or_default())
+        .bind(after.map(|a| a.2).unwrap_or_default())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for r in &rows {
+            let ts: DateTime<Utc> = r.try_get("ts")?;
+            let entry_id: String = r.try_get("entry_id")?;
+            let seq: i32 = r.try_get("seq")?;
+            last = Some((ts, entry_id.clone(), seq));
+            let kind: String = r.try_get("kind")?;
+            let detail: Option<Value> = r.try_get("detail")?;
+            let phy: String = r.try_get("phy_id")?;
+            let server: String = r.try_get("server_id")?;
+            let epoch: i64 = r.try_get("epoch")?;
+            let (Some(kind), Ok(phy_id), Ok(server_id)) = (
+                kind_from_row(&kind, detail.as_ref()),
+                iot_core::PhyId::new(phy),
+                iot_core::ServerId::new(server),
+            ) else {
+                continue;
+            };
+            out.push(ReplayedEvent {
+                entry_id,
+                seq,
+                event: iot_core::Event {
+                    phy_id,
+                    conn_id: r.try_get("conn_id")?,
+                    server_id,
+                    epoch: u64::try_from(epoch).unwrap_or(0),
+                    ts_ms: ts.timestamp_millis(),
+                    kind,
+                },
+            });
+        }
+        Ok((out, last))
+    }
+}
