@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use iot_core::config::DatabaseConfig;
-use iot_service::{Health, Status};
+use iot_service::Health;
 use iot_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -57,24 +57,6 @@ pub fn is_unavailable(e: &StoreError) -> bool {
     }
 }
 
-/// The schema check at start: `Err` only for a schema that lacks
-/// migrations (the service must not run against it). An unreachable
-/// database sets the check degraded and lets the api start.
-pub async fn check_at_start(store: &Store, health: &Health) -> Result<(), StoreError> {
-    match store.check_schema().await {
-        Ok(()) => {
-            health.set(HEALTH_CHECK, Status::Ok, None, None);
-            Ok(())
-        }
-        Err(e @ StoreError::SchemaOutdated { .. }) => Err(e),
-        Err(e) => {
-            tracing::warn!(error = %e, "PostgreSQL does not answer at start; its routes answer 503 until it does");
-            health.set(HEALTH_CHECK, Status::Degraded, Some(e.to_string()), None);
-            Ok(())
-        }
-    }
-}
-
 /// Pings PostgreSQL every `interval` (each ping bounded by `timeout`) and
 /// records the `database` check: ok with the round trip, or degraded with
 /// the error.
@@ -85,35 +67,17 @@ pub fn spawn_probe(
     timeout: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(timeout, store.ping()) => r,
-            };
-            let err = match result {
-                Ok(Ok(rtt)) => {
-                    if health.status_of(HEALTH_CHECK) != Some(Status::Ok) {
-                        tracing::info!("PostgreSQL answers");
-                    }
-                    health.set(HEALTH_CHECK, Status::Ok, None, Some(rtt));
-                    continue;
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {timeout:?}"),
-            };
-            if health.status_of(HEALTH_CHECK) != Some(Status::Degraded) {
-                tracing::warn!(error = %err, "PostgreSQL does not answer; its routes answer 503");
-            }
-            health.set(HEALTH_CHECK, Status::Degraded, Some(err), None);
-        }
-    })
+    iot_service::health::spawn_probe(
+        health,
+        HEALTH_CHECK,
+        interval,
+        timeout,
+        shutdown,
+        move || {
+            let store = store.clone();
+            async move { store.ping().await }
+        },
+    )
 }
 
 /// What `iot-api migrate` did.

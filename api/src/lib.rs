@@ -228,7 +228,9 @@ pub async fn run(ctx: Context, http: TcpListener) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("database.url / DATABASE_URL is unusable: {e}"))?;
     match &db {
         Some(store) => {
-            database::check_at_start(store, &ctx.health).await?;
+            store
+                .check_at_start(&ctx.health, database::HEALTH_CHECK)
+                .await?;
             database::spawn_probe(
                 store.clone(),
                 ctx.health.clone(),

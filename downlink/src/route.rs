@@ -234,3 +234,78 @@ pub async fn forward(
     }
     offline(store, cmd, now).await
 }
+
+/// Puts the commands of a connection that went away back at the head of
+/// their device's queue, in the given order (oldest first), so that they are
+/// delivered first when the device is back. `items` are `(id, expires_at_ms)`;
+/// each must be dispatched, sent or queued to this caller: one already
+/// terminal (or moved on) is left alone, one whose time-to-live has passed
+/// ends `expired`. Returns the ids put back.
+///
+/// The queue cap is not applied: these commands were accepted before and
+/// keep their place. Nobody is nudged: the caller knows whether the device
+/// is connected again and to whom (see [`locate`]).
+pub async fn requeue(
+    store: &CommandStore,
+    phy: &PhyId,
+    items: &[(Uuid, i64)],
+    reason: &str,
+    now: i64,
+) -> redis::RedisResult<Vec<Uuid>> {
+    let mut back = Vec::with_capacity(items.len());
+    for &(id, expires_at_ms) in items {
+        if now >= expires_at_ms {
+            let t = Transition::to(Status::Expired);
+            store.transition(&id, &t, now).await?;
+            continue;
+        }
+        let t = Transition::to(Status::Queued)
+            .from(&[Status::Dispatched, Status::Sent, Status::Queued])
+            .reason(reason);
+        if store.transition(&id, &t, now).await?.is_some() {
+            back.push((id, expires_at_ms));
+        }
+    }
+    let ids: Vec<Uuid> = back.iter().map(|(id, _)| *id).collect();
+    store.requeue_front(phy, &ids).await?;
+    for (id, expires_at_ms) in &back {
+        store.set_deadline(id, *expires_at_ms).await?;
+    }
+    Ok(ids)
+}
+
+/// Moves a command that reached its device's connection while the device
+/// was not subscribed to its topic to the tail of the device's queue, to be
+/// delivered after a matching SUBSCRIBE; a full queue fails it
+/// (`queue_full`). Returns the command's status afterwards, or `None` when
+/// it was not dispatched, sent or queued any more (left alone).
+///
+/// Like [`requeue`], nobody is nudged.
+pub async fn park(
+    store: &CommandStore,
+    phy: &PhyId,
+    id: &Uuid,
+    expires_at_ms: i64,
+    reason: &str,
+    now: i64,
+) -> redis::RedisResult<Option<Status>> {
+    if now >= expires_at_ms {
+        let done = store
+            .transition(id, &Transition::to(Status::Expired), now)
+            .await?;
+        return Ok(done.map(|_| Status::Expired));
+    }
+    let t = Transition::to(Status::Queued)
+        .from(&[Status::Dispatched, Status::Sent, Status::Queued])
+        .reason(reason);
+    if store.transition(id, &t, now).await?.is_none() {
+        return Ok(None);
+    }
+    if !store.enqueue(phy, id, expires_at_ms, now).await? {
+        let t = Transition::to(Status::Failed).reason(FailReason::QueueFull.as_str());
+        store.transition(id, &t, now).await?;
+        return Ok(Some(Status::Failed));
+    }
+    store.set_deadline(id, expires_at_ms).await?;
+    Ok(Some(Status::Queued))
+}

@@ -259,31 +259,22 @@ impl CommandStore {
             .arg(-1001)
             .ignore();
         pipe.cmd("PEXPIRE").arg(&history).arg(keep).ignore();
-        pipe.cmd("XADD")
-            .arg(self.keys.command_events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(1_000_000)
-            .arg("*")
-            .arg("id")
-            .arg(id.to_string())
-            .arg("phy_id")
-            .arg(new.phy_id.as_str())
-            .arg("name")
-            .arg(&new.name)
-            .arg("payload")
-            .arg(&new.payload)
-            .arg("expires_at")
-            .arg(expires_at_ms)
-            .arg("status")
-            .arg(status.as_str())
-            .arg("reason")
-            .arg(reason.unwrap_or_default())
-            .arg("detail")
-            .arg(&detail)
-            .arg("at_ms")
-            .arg(now)
-            .ignore();
+        let expires = expires_at_ms.to_string();
+        let created = [
+            ("phy_id", new.phy_id.as_str().as_bytes()),
+            ("name", new.name.as_bytes()),
+            ("payload", new.payload.as_slice()),
+            ("expires_at", expires.as_bytes()),
+        ];
+        self.log_change(
+            &mut pipe,
+            &id,
+            status,
+            reason.unwrap_or_default(),
+            &detail,
+            now,
+            &created,
+        );
         pipe.query_async::<()>(&mut self.redis.get()).await?;
         if status.is_terminal() {
             crate::metrics::terminal(status, None);
@@ -342,23 +333,15 @@ impl CommandStore {
             return Ok(None);
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(self.keys.command_events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(1_000_000)
-            .arg("*")
-            .arg("id")
-            .arg(id.to_string())
-            .arg("status")
-            .arg(t.to.as_str())
-            .arg("reason")
-            .arg(t.reason.as_deref().unwrap_or_default())
-            .arg("detail")
-            .arg(t.detail.as_deref().unwrap_or_default())
-            .arg("at_ms")
-            .arg(now)
-            .ignore();
+        self.log_change(
+            &mut pipe,
+            id,
+            t.to,
+            t.reason.as_deref().unwrap_or_default(),
+            t.detail.as_deref().unwrap_or_default(),
+            now,
+            &[],
+        );
         if t.to.is_terminal() {
             pipe.cmd("ZREM")
                 .arg(self.keys.command_deadlines())
@@ -379,6 +362,43 @@ impl CommandStore {
             crate::metrics::terminal(t.to, roundtrip);
         }
         Ok(Some(prev))
+    }
+
+    /// Appends a state change to `stream:commands` (what the archiver
+    /// writes to the PostgreSQL command log); `extra` carries the creating
+    /// change's device, name, payload and expiry.
+    #[allow(clippy::too_many_arguments)]
+    fn log_change(
+        &self,
+        pipe: &mut redis::Pipeline,
+        id: &Uuid,
+        status: Status,
+        reason: &str,
+        detail: &str,
+        now: i64,
+        extra: &[(&str, &[u8])],
+    ) {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(self.keys.command_events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1_000_000)
+            .arg("*")
+            .arg("id")
+            .arg(id.to_string());
+        for (k, v) in extra {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.arg("status")
+            .arg(status.as_str())
+            .arg("reason")
+            .arg(reason)
+            .arg("detail")
+            .arg(detail)
+            .arg("at_ms")
+            .arg(now)
+            .ignore();
     }
 
     /// One record, if it still exists.

@@ -308,3 +308,119 @@ async fn sweeper_expires_queued_commands_and_reroutes_stuck_ones() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    connect(&store, "d-rq", "srv-x", 1).await;
+    // Nobody listens on srv-x's channel: hold the dispatches there by hand.
+    let now = iot_core::time::now_ms();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let n = NewCommand {
+            name: format!("c{i}"),
+            ..new("d-rq", i != 1, None)
+        };
+        let c = store
+            .create(
+                uuid::Uuid::now_v7(),
+                &n,
+                Status::Dispatched,
+                None,
+                Some(("srv-x", 1)),
+                now,
+            )
+            .await
+            .expect("create");
+        sent.push(c);
+    }
+    let older = route::submit(&store, new("d-rq", true, None)).await;
+    // The owner has no listener: the submitted one ends in the queue.
+    assert_eq!(older.expect("submit").status, Status::Queued);
+    let t = Transition::to(Status::Sent).from(&[Status::Dispatched]);
+    store.transition(&sent[0].id, &t, now).await.expect("sent");
+    // An expired one, and one that is terminal already.
+    let expired = store
+        .create(
+            uuid::Uuid::now_v7(),
+            &new("d-rq", true, Some(Duration::from_millis(1))),
+            Status::Dispatched,
+            None,
+            Some(("srv-x", 1)),
+            now - 10,
+        )
+        .await
+        .expect("create");
+    let t = Transition::to(Status::Acked);
+    store.transition(&sent[2].id, &t, now).await.expect("acked");
+
+    let items: Vec<(uuid::Uuid, i64)> = [&sent[0], &sent[1], &expired, &sent[2]]
+        .iter()
+        .map(|c| (c.id, c.expires_at_ms))
+        .collect();
+    let back = route::requeue(&store, &phy("d-rq"), &items, "device_gone", now)
+        .await
+        .expect("requeue");
+    assert_eq!(back, [sent[0].id, sent[1].id], "terminal ones left alone");
+    let got = store.get(&expired.id).await.expect("get").expect("record");
+    assert_eq!(got.status, Status::Expired);
+    let got = store.get(&sent[0].id).await.expect("get").expect("record");
+    assert_eq!(got.status, Status::Queued);
+    assert_eq!(got.reason.as_deref(), Some("device_gone"));
+
+    // Park goes to the tail.
+    let parked = store
+        .create(
+            uuid::Uuid::now_v7(),
+            &new("d-rq", true, None),
+            Status::Dispatched,
+            None,
+            Some(("srv-x", 1)),
+            now,
+        )
+        .await
+        .expect("create");
+    let status = route::park(
+        &store,
+        &phy("d-rq"),
+        &parked.id,
+        parked.expires_at_ms,
+        "no_subscription",
+        now,
+    )
+    .await
+    .expect("park");
+    assert_eq!(status, Some(Status::Queued));
+    let queue = store.take_queued(&phy("d-rq"), 10).await.expect("take");
+    let order: Vec<_> = queue.iter().map(|c| c.id).collect();
+    assert_eq!(order.len(), 4, "{queue:?}");
+    assert_eq!(order[..2], [sent[0].id, sent[1].id], "requeued first");
+    assert_eq!(order[3], parked.id, "parked last");
+    // Parking a terminal command does nothing; a full queue fails it.
+    let again = route::park(&store, &phy("d-rq"), &sent[2].id, i64::MAX, "x", now)
+        .await
+        .expect("park");
+    assert_eq!(again, None);
+    for c in &queue[..3] {
+        assert!(
+            store
+                .enqueue(&phy("d-rq"), &c.id, i64::MAX, now)
+                .await
+                .expect("enqueue")
+        );
+    }
+    let status = route::park(
+        &store,
+        &phy("d-rq"),
+        &parked.id,
+        parked.expires_at_ms,
+        "no_subscription",
+        now,
+    )
+    .await
+    .expect("park");
+    assert_eq!(status, Some(Status::Failed));
+    let got = store.get(&parked.id).await.expect("get").expect("record");
+    assert_eq!(got.reason.as_deref(), Some("queue_full"));
+}

@@ -6,10 +6,9 @@
 use std::time::Duration;
 
 use iot_downlink::{CommandStore, Settings as DownlinkSettings};
-use iot_service::Status;
 use iot_service::startup::Context;
+use iot_store::Store;
 use iot_store::archiver::{self, ArchiverOptions};
-use iot_store::{Store, StoreError};
 
 use crate::settings::Settings;
 
@@ -44,15 +43,7 @@ pub async fn spawn(
         return Ok(());
     }
     let store = Store::connect_lazy(&ctx.config.database)?;
-    match store.check_schema().await {
-        Ok(()) => ctx.health.set(HEALTH_CHECK, Status::Ok, None, None),
-        Err(e @ StoreError::SchemaOutdated { .. }) => return Err(e.into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "PostgreSQL does not answer; the archive waits for it");
-            ctx.health
-                .set(HEALTH_CHECK, Status::Degraded, Some(e.to_string()), None);
-        }
-    }
+    store.check_at_start(&ctx.health, HEALTH_CHECK).await?;
     let opts = ArchiverOptions {
         keys: ctx.config.keys(),
         shards: settings.shards,

@@ -91,6 +91,53 @@ impl Health {
     }
 }
 
+/// Runs `probe` every `interval` (each run bounded by `timeout`) and records
+/// check `name`: ok with the round trip, or degraded with the error. Logs
+/// once when the check turns degraded and once when it recovers.
+pub fn spawn_probe<F, Fut, E>(
+    health: Health,
+    name: &'static str,
+    interval: Duration,
+    timeout: Duration,
+    shutdown: CancellationToken,
+    probe: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Duration, E>> + Send,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(timeout, probe()) => r,
+            };
+            let error = match result {
+                Ok(Ok(rtt)) => {
+                    if health.status_of(name).is_some_and(|s| s != Status::Ok) {
+                        tracing::info!(check = name, "answers again");
+                    }
+                    health.set(name, Status::Ok, None, Some(rtt));
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            if health.status_of(name) != Some(Status::Degraded) {
+                tracing::warn!(check = name, error = %error, "does not answer");
+            }
+            health.set(name, Status::Degraded, Some(error), None);
+        }
+    })
+}
+
 /// Pings Redis every `interval` and records the `redis` check: ok with the
 /// round trip, or degraded with the error after a failed PING. Degraded, not
 /// down: every service keeps running through a Redis outage (the ingest
@@ -102,24 +149,9 @@ pub fn spawn_redis_probe(
     interval: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match pool.ping().await {
-                Ok(rtt) => health.set("redis", Status::Ok, None, Some(rtt)),
-                Err(e) => {
-                    if health.status_of("redis") == Some(Status::Ok) {
-                        tracing::warn!(error = %e, "Redis does not answer");
-                    }
-                    health.set("redis", Status::Degraded, Some(e.to_string()), None);
-                }
-            }
-        }
+    spawn_probe(health, "redis", interval, interval, shutdown, move || {
+        let pool = pool.clone();
+        async move { pool.ping().await }
     })
 }
 

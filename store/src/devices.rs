@@ -185,6 +185,26 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Which of `phys` are registered and enabled (for re-checking the
+    /// devices an ingest holds: the others were disabled or deleted since
+    /// they connected). One query per call; callers batch (a few hundred
+    /// phyIDs per call).
+    pub async fn enabled_devices(
+        &self,
+        phys: &[PhyId],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if phys.is_empty() {
+            return Ok(Default::default());
+        }
+        let ids: Vec<&str> = phys.iter().map(PhyId::as_str).collect();
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT phy_id FROM devices WHERE phy_id = ANY($1) AND enabled")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Checks a device's credentials.
     pub async fn check_credentials(
         &self,

@@ -53,6 +53,13 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+fn pool_options(cfg: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(cfg.max_connections.max(1))
+        .acquire_timeout(cfg.connect_timeout)
+        .idle_timeout(Some(Duration::from_secs(300)))
+}
+
 impl Store {
     /// Connects to `cfg.url`. The pool connects lazily beyond the first
     /// connection, so a database that goes away later shows up as errors on
@@ -61,10 +68,7 @@ impl Store {
         if cfg.url.trim().is_empty() {
             return Err(StoreError::NotConfigured);
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections.max(1))
-            .acquire_timeout(cfg.connect_timeout)
-            .idle_timeout(Some(Duration::from_secs(300)))
+        let pool = pool_options(cfg)
             .connect(cfg.url.trim())
             .await
             .map_err(|e| StoreError::Unreachable {
@@ -80,10 +84,7 @@ impl Store {
         if cfg.url.trim().is_empty() {
             return Err(StoreError::NotConfigured);
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(cfg.max_connections.max(1))
-            .acquire_timeout(cfg.connect_timeout)
-            .idle_timeout(Some(Duration::from_secs(300)))
+        let pool = pool_options(cfg)
             .connect_lazy(cfg.url.trim())
             .map_err(|e| StoreError::Unreachable {
                 url: redact_url(cfg.url.trim()),
@@ -143,6 +144,34 @@ impl Store {
             Ok(())
         } else {
             Err(StoreError::SchemaOutdated { missing })
+        }
+    }
+
+    /// The schema check a service makes at start: `Err` only for a schema
+    /// that lacks migrations (the service must not run against it). An
+    /// unreachable database sets health check `check` degraded and lets the
+    /// service start; it is retried by whoever uses the store.
+    pub async fn check_at_start(
+        &self,
+        health: &iot_service::Health,
+        check: &str,
+    ) -> Result<(), StoreError> {
+        match self.check_schema().await {
+            Ok(()) => {
+                health.set(check, iot_service::Status::Ok, None, None);
+                Ok(())
+            }
+            Err(e @ StoreError::SchemaOutdated { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL does not answer at start; waiting for it");
+                health.set(
+                    check,
+                    iot_service::Status::Degraded,
+                    Some(e.to_string()),
+                    None,
+                );
+                Ok(())
+            }
         }
     }
 

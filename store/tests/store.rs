@@ -170,6 +170,15 @@ async fn registry_round_trip() {
     assert!(store.delete_device(&phy("x-0")).await.unwrap());
     assert!(!store.delete_device(&phy("x-0")).await.unwrap());
     assert!(store.device(&phy("x-0")).await.unwrap().is_none());
+
+    // Re-checking connected devices: disabled (dev-1), deleted (x-0) and
+    // never registered (ghost) ones are not in the answer.
+    let asked = [phy("dev-1"), phy("x-0"), phy("x-1"), phy("x-2"), phy("ghost")];
+    let enabled = store.enabled_devices(&asked).await.unwrap();
+    let mut enabled: Vec<_> = enabled.into_iter().collect();
+    enabled.sort();
+    assert_eq!(enabled, ["x-1", "x-2"]);
+    assert!(store.enabled_devices(&[]).await.unwrap().is_empty());
 }
 
 fn event(epoch: u64, conn: u128, ts: i64, kind: EventKind) -> Entry {
