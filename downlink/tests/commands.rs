@@ -369,6 +369,19 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
     assert_eq!(got.status, Status::Queued);
     assert_eq!(got.reason.as_deref(), Some("device_gone"));
 
+    let older = store
+        .list_for_device(&phy("d-rq"), None, 10)
+        .await
+        .expect("list");
+    let older = older
+        .iter()
+        .find(|c| c.status == Status::Queued && !back.contains(&c.id))
+        .expect("the submitted one")
+        .id;
+    let queue = store.take_queued(&phy("d-rq"), 10).await.expect("take");
+    let order: Vec<_> = queue.iter().map(|c| c.id).collect();
+    assert_eq!(order, [sent[0].id, sent[1].id, older], "requeued in front");
+
     // Park goes to the tail.
     let parked = store
         .create(
@@ -392,24 +405,22 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
     .await
     .expect("park");
     assert_eq!(status, Some(Status::Queued));
+    store
+        .requeue_front(&phy("d-rq"), &order)
+        .await
+        .expect("back");
     let queue = store.take_queued(&phy("d-rq"), 10).await.expect("take");
-    let order: Vec<_> = queue.iter().map(|c| c.id).collect();
-    assert_eq!(order.len(), 4, "{queue:?}");
-    assert_eq!(order[..2], [sent[0].id, sent[1].id], "requeued first");
-    assert_eq!(order[3], parked.id, "parked last");
+    let all: Vec<_> = queue.iter().map(|c| c.id).collect();
+    assert_eq!(all, [sent[0].id, sent[1].id, older, parked.id]);
+    let got = store.get(&parked.id).await.expect("get").expect("record");
+    assert_eq!(got.reason.as_deref(), Some("no_subscription"));
+
     // Parking a terminal command does nothing; a full queue fails it.
     let again = route::park(&store, &phy("d-rq"), &sent[2].id, i64::MAX, "x", now)
         .await
         .expect("park");
     assert_eq!(again, None);
-    for c in &queue[..3] {
-        assert!(
-            store
-                .enqueue(&phy("d-rq"), &c.id, i64::MAX, now)
-                .await
-                .expect("enqueue")
-        );
-    }
+    store.requeue_front(&phy("d-rq"), &all).await.expect("back");
     let status = route::park(
         &store,
         &phy("d-rq"),

@@ -6,21 +6,29 @@
 //!    locally (closing an older connection of the device), kick the previous
 //!    owner instance, queue `connected`, answer CONNACK.
 //! 2. Session loop: wait for bytes, a close request (takeover, shutdown,
-//!    keepalive expiry found by the registry's sweep) or the write of a QoS 1
-//!    uplink; decode with the [`DeviceProtocol`], hand events to the writer,
-//!    answer.
-//! 3. Close: deregister and queue `disconnected` or `tcp_down(reason)`.
+//!    keepalive expiry found by the registry's sweep, revocation), the write
+//!    of a QoS 1 uplink, mail (downlink commands, drain requests) or the
+//!    downlink timer; decode with the [`DeviceProtocol`], hand events to the
+//!    writer, answer, deliver commands ([`crate::downlink`]) and hand their
+//!    state changes to the [`crate::reporter`].
+//! 3. Close: deregister, hand the commands still held to the reporter
+//!    (they follow a takeover, go back to the queue or fail), and queue
+//!    `disconnected` or `tcp_down(reason)`.
 //!
 //! Memory matters (tens of thousands of idle connections per process): an
 //! idle connection holds no read buffer (it waits for readability, reads
 //! into a buffer allocated then, and frees it once drained), no timer, no
 //! per-connection channel, and a task future kept small ([`task_size`]:
 //! about 210 bytes in a release build); the rarely used big steps
-//! (handshake, decoding, answering) run in boxed futures.
+//! (handshake, decoding, answering, downlinks) run in boxed futures. What a
+//! busy connection holds (QoS 1 uplinks waiting for their write, commands
+//! in flight and their timer) sits behind one pointer, allocated while it
+//! is busy.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,12 +42,15 @@ use iot_service::Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 use crate::auth::Decision;
+use crate::downlink::{Delivery, Downlinks, Effect, Mail, Step};
 use crate::instance::Instance;
 use crate::protocol::{DeviceProtocol, Hello, Inbound, Refusal, RefuseReason};
 use crate::registry::ConnHandle;
+use crate::reporter::Report;
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 512;
@@ -133,13 +144,17 @@ async fn handshake<P: DeviceProtocol>(
     let span = tracing::Span::current();
     span.record("phy_id", hello.phy.as_str());
 
-    if let Decision::Deny(why) = inst.auth.authenticate(&hello).await {
-        return refuse(
-            proto,
-            stream,
-            Refusal::new(RefuseReason::NotAuthorized, why),
-        )
-        .await;
+    let peer_ip: Option<IpAddr> = stream.peer_addr().ok().map(|a| a.ip());
+    match inst.auth.authenticate(&hello, peer_ip).await {
+        Decision::Allow => {}
+        Decision::Deny(why) => {
+            let r = Refusal::new(RefuseReason::NotAuthorized, why);
+            return refuse(proto, stream, r).await;
+        }
+        Decision::Unavailable(why) => {
+            let r = Refusal::new(RefuseReason::ServerUnavailable, why);
+            return refuse(proto, stream, r).await;
+        }
     }
     if inst.health.status_of(crate::writer::HEALTH_CHECK) != Some(Status::Ok) {
         let r = Refusal::new(
@@ -316,10 +331,10 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
     // set of slots in this (long-lived) future.
     // Keepalive is enforced by the registry's sweep (see `Registry`): the
     // connection only reports traffic, and hears `keepalive` as a close.
-    let mut acks = PendingAcks::default();
+    let mut busy = Busy::default();
 
     let end = loop {
-        if !est.buf.is_empty() && acks.len() < MAX_PENDING_ACKS {
+        if !est.buf.is_empty() && busy.acks_len() < MAX_PENDING_ACKS {
             // Boxed: decoding and queueing events needs far more stack
             // than waiting, and an idle connection only waits.
             let step = process(
@@ -329,7 +344,7 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
                 &est.conn,
                 &mut stream,
                 &mut est.buf,
-                &mut acks,
+                &mut busy,
             );
             if let Err(end) = Box::pin(step).await {
                 break end;
@@ -341,14 +356,23 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
         }
         // One hand-written poll instead of `select!`: the futures of a
         // select (readiness, notification) would live in every idle
-        // connection's task; polling the socket, the close flag and the
-        // oldest pending write directly keeps the task small.
-        let can_read = acks.len() < MAX_PENDING_ACKS;
+        // connection's task; polling the socket, the close flag, the
+        // mailbox, the downlink timer and the oldest pending write directly
+        // keeps the task small.
+        let can_read = busy.acks_len() < MAX_PENDING_ACKS;
         let wake = std::future::poll_fn(|cx| {
             if let Poll::Ready(reason) = est.conn.handle.poll_closed(cx) {
                 return Poll::Ready(Wake::Close(reason));
             }
-            if let Some((_, rx)) = acks.front_mut()
+            // Checked after `poll_closed` registered the waker: a post
+            // after this check wakes the task.
+            if est.conn.handle.has_mail() {
+                return Poll::Ready(Wake::Downlink);
+            }
+            if busy.poll_timer(cx).is_ready() {
+                return Poll::Ready(Wake::Downlink);
+            }
+            if let Some((_, rx)) = busy.front_ack_mut()
                 && let Poll::Ready(written) = Pin::new(rx).poll(cx)
             {
                 return Poll::Ready(Wake::Written(written.is_ok()));
@@ -361,8 +385,22 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
         .await;
         match wake {
             Wake::Close(reason) => break End::Down(reason),
+            Wake::Downlink => {
+                // Boxed like `process`: not part of the idle state.
+                let step = downlinks(
+                    &inst,
+                    &proto,
+                    &est.session,
+                    &est.conn,
+                    &mut stream,
+                    &mut busy,
+                );
+                if let Err(end) = Box::pin(step).await {
+                    break end;
+                }
+            }
             Wake::Written(ok) => {
-                let Some((pkid, _)) = acks.pop_front() else {
+                let Some((pkid, _)) = busy.pop_ack() else {
                     continue;
                 };
                 if ok {
@@ -401,6 +439,10 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
     };
     drop(est.buf);
     inst.registry.deregister(&est.conn.phy, &est.conn.handle);
+    // Mail posted from now on goes back to its sender.
+    let unread = est.conn.handle.close_inbox();
+    let takeover = matches!(end, End::Down(TcpDownReason::Takeover));
+    close_downlinks(&inst, &est.conn, busy, unread, takeover);
     inst.connections.fetch_sub(1, Ordering::Relaxed);
     let (kind, label) = match end {
         End::Disconnect => (EventKind::Disconnected, "disconnect"),
@@ -427,33 +469,93 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// QoS 1 uplinks waiting for their write, oldest first. Created on first
-/// use: a connection that never sends QoS 1 pays one pointer.
+/// What a busy connection holds: QoS 1 uplinks waiting for their write
+/// (oldest first), downlink commands and their timer. Allocated on first
+/// use; the downlink part is freed again when no command is held, so an
+/// idle connection pays one pointer.
 #[derive(Default)]
-#[allow(
-    clippy::box_collection,
-    reason = "one pointer instead of a 32-byte VecDeque in every idle connection's task"
-)]
-struct PendingAcks(Option<Box<VecDeque<PendingAck>>>);
+struct Busy(Option<Box<BusyParts>>);
+
+#[derive(Default)]
+struct BusyParts {
+    acks: VecDeque<PendingAck>,
+    downlinks: Downlinks,
+    /// Set while commands are held: when [`Downlinks::tick`] is due.
+    timer: Option<Pin<Box<Sleep>>>,
+}
 
 /// A QoS 1 uplink's packet id and the signal that its event is written.
 type PendingAck = (u16, oneshot::Receiver<()>);
 
-impl PendingAcks {
-    fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |q| q.len())
+impl Busy {
+    fn acks_len(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.acks.len())
     }
 
-    fn front_mut(&mut self) -> Option<&mut PendingAck> {
-        self.0.as_mut()?.front_mut()
+    fn front_ack_mut(&mut self) -> Option<&mut PendingAck> {
+        self.0.as_mut()?.acks.front_mut()
     }
 
-    fn pop_front(&mut self) -> Option<PendingAck> {
-        self.0.as_mut()?.pop_front()
+    fn pop_ack(&mut self) -> Option<PendingAck> {
+        self.0.as_mut()?.acks.pop_front()
     }
 
-    fn push_back(&mut self, pending: PendingAck) {
-        self.0.get_or_insert_with(Box::default).push_back(pending);
+    fn push_ack(&mut self, pending: PendingAck) {
+        self.0
+            .get_or_insert_with(Box::default)
+            .acks
+            .push_back(pending);
+    }
+
+    /// The downlink state, allocated if needed.
+    fn downlinks(&mut self) -> &mut Downlinks {
+        &mut self.0.get_or_insert_with(Box::default).downlinks
+    }
+
+    /// The downlink state, if allocated.
+    fn held_downlinks(&mut self) -> Option<&mut Downlinks> {
+        self.0.as_mut().map(|b| &mut b.downlinks)
+    }
+
+    /// Commands in flight and waiting.
+    fn held(&self) -> (usize, usize) {
+        self.0
+            .as_ref()
+            .map_or((0, 0), |b| (b.downlinks.inflight(), b.downlinks.waiting()))
+    }
+
+    /// Ready when the downlink timer fires.
+    fn poll_timer(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match self.0.as_mut().and_then(|b| b.timer.as_mut()) {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Sets the timer for the next downlink deadline, or removes it (and
+    /// frees everything once nothing is held).
+    fn rearm(&mut self, ack_timeout: Duration) {
+        let Some(parts) = self.0.as_mut() else {
+            return;
+        };
+        match parts.downlinks.next_deadline(ack_timeout) {
+            Some(at) => match &mut parts.timer {
+                Some(t) => t.as_mut().reset(at),
+                None => parts.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            },
+            None => parts.timer = None,
+        }
+        if parts.acks.is_empty() && parts.downlinks.is_empty() {
+            self.0 = None;
+        }
+    }
+
+    /// Takes the downlink state (the connection has ended).
+    fn take_downlinks(&mut self) -> Downlinks {
+        self.0
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.downlinks))
+            .unwrap_or_default()
     }
 }
 
@@ -461,6 +563,8 @@ impl PendingAcks {
 enum Wake {
     /// A close was asked (takeover, shutdown).
     Close(TcpDownReason),
+    /// Mail arrived or the downlink timer fired.
+    Downlink,
     /// The oldest pending QoS 1 uplink was written (true) or dropped.
     Written(bool),
     /// The socket is readable (false: it failed).
@@ -476,15 +580,30 @@ async fn process<P: DeviceProtocol>(
     conn: &Conn,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    acks: &mut PendingAcks,
+    busy: &mut Busy,
 ) -> Result<(), End> {
     let mut out = BytesMut::new();
     let mut alive = false;
     let mut result = Ok(());
-    while acks.len() < MAX_PENDING_ACKS {
+    let mut effects = Vec::new();
+    let held = busy.held();
+    while busy.acks_len() < MAX_PENDING_ACKS {
         match proto.read(session, &conn.phy, buf, &inst.limits, &mut out) {
             Ok(None) => break,
             Ok(Some(Inbound::Alive)) => alive = true,
+            Ok(Some(Inbound::DownlinkAck(pkid))) => {
+                alive = true;
+                let mut step = conn.step(inst, &mut effects);
+                match busy.held_downlinks().and_then(|d| d.ack(pkid, &mut step)) {
+                    Some(after) => crate::metrics::downlink_acked_after(after),
+                    None => tracing::debug!(pkid, "PUBACK for no command in flight"),
+                }
+            }
+            Ok(Some(Inbound::Subscribed)) => {
+                alive = true;
+                inst.reporter
+                    .report(&conn.phy, conn.handle.epoch, Report::Drain);
+            }
             Ok(Some(Inbound::Uplink {
                 topic,
                 qos,
@@ -503,7 +622,7 @@ async fn process<P: DeviceProtocol>(
                     }
                     Some(pkid) => {
                         if let Some(rx) = inst.writer.event_acked(event).await {
-                            acks.push_back((pkid, rx));
+                            busy.push_ack((pkid, rx));
                         }
                     }
                 }
@@ -520,6 +639,11 @@ async fn process<P: DeviceProtocol>(
             }
         }
     }
+    if !effects.is_empty() {
+        apply(inst, proto, conn, effects, &mut out).await;
+    }
+    busy.rearm(inst.downlink.ack_timeout);
+    count_held(held, busy.held());
     if !out.is_empty() && write_out(stream, &out).await.is_err() && result.is_ok() {
         result = Err(End::Down(TcpDownReason::Reset));
     }
@@ -527,6 +651,156 @@ async fn process<P: DeviceProtocol>(
         inst.writer.heartbeat(conn.heartbeat()).await;
     }
     result
+}
+
+impl Conn {
+    /// A downlink step at the current time, with this connection's packet
+    /// ids, collecting into `out`.
+    fn step<'a>(&'a self, inst: &Instance, out: &'a mut Vec<Effect>) -> Step<'a> {
+        Step {
+            now: Instant::now(),
+            now_ms: iot_core::time::now_ms(),
+            limits: inst.downlink,
+            pkids: &*self.handle,
+            out,
+        }
+    }
+}
+
+/// Handles the mailbox (commands, drain requests) and the downlink timer.
+async fn downlinks<P: DeviceProtocol>(
+    inst: &Instance,
+    proto: &P,
+    session: &P::Session,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    busy: &mut Busy,
+) -> Result<(), End> {
+    let held = busy.held();
+    let mut effects = Vec::new();
+    let mut deliveries: Vec<Delivery> = Vec::new();
+    for mail in conn.handle.take_mail() {
+        match mail {
+            Mail::Deliver(d) => deliveries.push(d),
+            Mail::Drain(name) => {
+                if proto.listens(session, name.as_deref()) {
+                    inst.reporter
+                        .report(&conn.phy, conn.handle.epoch, Report::Drain);
+                }
+            }
+        }
+    }
+    let listens = |name: &str| proto.listens(session, Some(name));
+    if !deliveries.is_empty() {
+        let mut step = conn.step(inst, &mut effects);
+        busy.downlinks().offer(deliveries, &listens, &mut step);
+    }
+    if let Some(held) = busy.held_downlinks()
+        && held
+            .next_deadline(inst.downlink.ack_timeout)
+            .is_some_and(|at| at <= Instant::now())
+    {
+        let mut step = conn.step(inst, &mut effects);
+        held.tick(&mut step);
+    }
+    let mut out = BytesMut::new();
+    apply(inst, proto, conn, effects, &mut out).await;
+    busy.rearm(inst.downlink.ack_timeout);
+    count_held(held, busy.held());
+    if !out.is_empty() && write_out(stream, &out).await.is_err() {
+        return Err(End::Down(TcpDownReason::Reset));
+    }
+    Ok(())
+}
+
+/// Carries out downlink effects: PUBLISHes into `out`, reports to the
+/// reporter, events to the writer.
+async fn apply<P: DeviceProtocol>(
+    inst: &Instance,
+    proto: &P,
+    conn: &Conn,
+    effects: Vec<Effect>,
+    out: &mut BytesMut,
+) {
+    for effect in effects {
+        match effect {
+            Effect::Publish {
+                pkid,
+                dup,
+                name,
+                payload,
+            } => {
+                if proto.write_downlink(&conn.phy, &name, &payload, pkid, dup, out) {
+                    crate::metrics::downlink_publish(dup);
+                } else {
+                    tracing::warn!(%name, pkid, "downlink cannot be encoded; not sent");
+                }
+            }
+            Effect::Report(report) => {
+                count_outcome(&report);
+                inst.reporter.report(&conn.phy, conn.handle.epoch, report);
+            }
+            Effect::Event(kind) => {
+                inst.writer.event(conn.event(inst, kind)).await;
+            }
+        }
+    }
+}
+
+/// Counts what a report decides about a command.
+fn count_outcome(report: &Report) {
+    let (outcome, n) = match report {
+        Report::Acked { .. } => ("acked", 1),
+        Report::TimedOut { .. } => ("timed_out", 1),
+        Report::Expired { .. } => ("expired", 1),
+        Report::Failed { reason, .. } => (reason.as_str(), 1),
+        Report::Park { .. } => ("parked", 1),
+        Report::Requeue { items, .. } => ("requeued", items.len() as u64),
+        Report::Forward { .. } => ("forwarded", 1),
+        Report::Sent { .. } | Report::Waiting { .. } | Report::Drain => return,
+    };
+    crate::metrics::downlink_outcome(outcome, n);
+}
+
+/// Moves the instance's inflight and waiting gauges by a connection's change.
+fn count_held(before: (usize, usize), after: (usize, usize)) {
+    if before != after {
+        crate::metrics::downlink_held(
+            after.0 as i64 - before.0 as i64,
+            after.1 as i64 - before.1 as i64,
+        );
+    }
+}
+
+/// The connection has ended: its commands (held, or in mail that came too
+/// late) follow a takeover, go back to the queue or fail.
+fn close_downlinks(
+    inst: &Instance,
+    conn: &Conn,
+    mut busy: Busy,
+    unread: Vec<Mail>,
+    takeover: bool,
+) {
+    let held = busy.held();
+    let unread = unread.into_iter().filter_map(|m| match m {
+        Mail::Deliver(d) => Some(d),
+        Mail::Drain(_) => None,
+    });
+    let reports = busy
+        .take_downlinks()
+        .close(takeover, unread, iot_core::time::now_ms());
+    count_held(held, (0, 0));
+    if !reports.is_empty() {
+        tracing::info!(
+            commands = reports.len(),
+            takeover,
+            "connection closed with downlink commands held"
+        );
+    }
+    for report in reports {
+        count_outcome(&report);
+        inst.reporter.report(&conn.phy, conn.handle.epoch, report);
+    }
 }
 
 /// Writes `bytes`: directly while the socket takes them (the usual case for

@@ -1,11 +1,16 @@
 //! The instance's control channel: a Redis Pub/Sub subscriber on
 //! `downlink:{server_id}`.
 //!
-//! Today it carries `Control::Kick` (another instance accepted a newer
-//! CONNECT of a device held here); downlink commands come later. The
-//! subscriber reconnects with backoff when Redis goes away and checks its
-//! connection with a PING every few seconds, since a silent channel cannot
-//! tell a dead connection from a quiet one.
+//! It carries `Control::Kick` (another instance accepted a newer CONNECT of
+//! a device held here), `Control::Command` (a downlink command for a device
+//! held here: posted to its connection if that connection is the one the
+//! command was routed to or a newer one, otherwise forwarded after the
+//! device) and `Control::DrainQueue` (commands wait in the device's queue:
+//! its connection takes them if it listens). Handling never waits: Redis
+//! work goes to the [`crate::reporter`]. The subscriber reconnects with
+//! backoff when Redis goes away and checks its connection with a PING every
+//! few seconds, since a silent channel cannot tell a dead connection from a
+//! quiet one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +21,12 @@ use iot_service::RedisPool;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::downlink::{Delivery, Mail};
 use crate::registry::Registry;
+use crate::reporter::{Report, ReporterHandle};
 
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// How often the subscriber checks its connection with a PING.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -29,10 +37,11 @@ pub fn spawn(
     redis: RedisPool,
     channel: String,
     registry: Arc<Registry>,
+    reporter: ReporterHandle,
     shutdown: CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, oneshot::Receiver<()>) {
     let (ready, subscribed) = oneshot::channel();
-    let task = tokio::spawn(run(redis, channel, registry, shutdown, ready));
+    let task = tokio::spawn(run(redis, channel, registry, reporter, shutdown, ready));
     (task, subscribed)
 }
 
@@ -40,6 +49,7 @@ async fn run(
     redis: RedisPool,
     channel: String,
     registry: Arc<Registry>,
+    reporter: ReporterHandle,
     shutdown: CancellationToken,
     ready: oneshot::Sender<()>,
 ) {
@@ -72,11 +82,13 @@ async fn run(
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         msg = stream.next() => match msg {
-                            Some(msg) => handle(&registry, msg.get_payload_bytes()),
+                            Some(msg) => handle(&registry, &reporter, msg.get_payload_bytes()),
                             None => break,
                         },
                         _ = ping.tick() => {
-                            let alive = tokio::time::timeout(OP_TIMEOUT, sink.ping::<String>()).await;
+                            // Any answer will do: in subscribed mode (RESP2) PING answers
+                            // `["pong", ""]`, not `PONG`.
+                            let alive = tokio::time::timeout(OP_TIMEOUT, sink.ping::<redis::Value>()).await;
                             if !matches!(alive, Ok(Ok(_))) {
                                 break;
                             }
@@ -110,14 +122,34 @@ async fn run(
     }
 }
 
-fn handle(registry: &Registry, payload: &[u8]) {
+/// Handles one control message; never waits.
+pub fn handle(registry: &Registry, reporter: &ReporterHandle, payload: &[u8]) {
     match Control::decode(payload) {
         Ok(Control::Kick { phy_id, epoch }) => {
             registry.kick(&phy_id, epoch);
         }
-        // Downlink commands (lead's note: handled with the downlink issue).
-        Ok(other) => {
-            tracing::debug!(message = ?other, "control message not handled by this build");
+        Ok(Control::Command(d)) => {
+            let (phy, epoch, id) = (d.phy_id.clone(), d.epoch, d.id);
+            // The connection it was routed to, or a newer one of the device
+            // (it reconnected here meanwhile).
+            let posted = match registry.get(&phy).filter(|c| c.epoch >= epoch) {
+                Some(conn) => conn.post(Mail::Deliver(Delivery::dispatched(d))).is_ok(),
+                None => false,
+            };
+            if !posted {
+                tracing::debug!(phy_id = %phy, command_id = %id, epoch,
+                    "command for a connection not held here; forwarding it after the device");
+                let forward = Report::Forward {
+                    id,
+                    reason: "moved",
+                };
+                reporter.report(&phy, epoch, forward);
+            }
+        }
+        Ok(Control::DrainQueue { phy_id }) => {
+            if let Some(conn) = registry.get(&phy_id) {
+                let _ = conn.post(Mail::Drain(None));
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, bytes = payload.len(), "undecodable control message ignored");

@@ -1,5 +1,6 @@
 //! What every connection of an instance shares: who the instance is, the
-//! writer, the registry, Redis, the protocol and its limits.
+//! writer, the downlink reporter, the registry, Redis, the protocol and its
+//! limits.
 //!
 //! One `Arc<Instance>` per instance; a connection holds a clone (8 bytes)
 //! instead of copies of its parts.
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::protocol::{Limits, Mqtt};
 use crate::registry::Registry;
+use crate::reporter::ReporterHandle;
 use crate::takeover::Takeover;
 use crate::writer::WriterHandle;
 
@@ -28,6 +30,10 @@ pub struct Instance {
     pub health: Health,
     /// The event writer.
     pub writer: WriterHandle,
+    /// Where command state changes go (to Redis, off the packet loops).
+    pub reporter: ReporterHandle,
+    /// ACK timeout and inflight limit of downlink commands.
+    pub downlink: crate::downlink::Limits,
     /// Local connections by device.
     pub registry: Arc<Registry>,
     /// Epochs, owners and kicks.

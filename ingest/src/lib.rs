@@ -8,6 +8,14 @@
 //! device, here or on another instance (takeover). While Redis is away,
 //! connections stay up and events wait in a bounded buffer.
 //!
+//! Downlink commands arrive over Redis Pub/Sub (`downlink:{server_id}`) or
+//! from the device's offline queue; the connection sends them as QoS 1
+//! PUBLISHes within the inflight limit, retransmits once, and reports acked
+//! or timed_out (with `ack` / `ack_timeout` events); commands follow a
+//! device that moves, and go back to the queue when its connection ends.
+//! With `mqtt.auth: registry` devices authenticate against the PostgreSQL
+//! device registry, cached.
+//!
 //! # Layout
 //!
 //! - [`run`]: the service, given its context and listeners; start-up and
@@ -17,11 +25,16 @@
 //! - [`session`]: the pure MQTT session state machine.
 //! - [`protocol`]: the `DeviceProtocol` trait a connection drives, and its MQTT implementation.
 //! - [`topics`]: which topics a device may publish and subscribe to.
-//! - [`auth`]: device authentication (`open`; `registry` comes with PostgreSQL).
+//! - [`auth`]: device authentication: `open`, `registry` (PostgreSQL, with
+//!   its cache, failure throttle and revocation re-check).
 //! - [`writer`]: the batching event writer, heartbeat coalescing, outage buffer.
-//! - [`registry`]: local connections by device; takeover rules.
+//! - [`downlink`]: one connection's downlink commands (pure state machine).
+//! - [`reporter`]: command state changes and queue work in Redis, off the
+//!   packet loops.
+//! - [`registry`]: local connections by device, their mailboxes; takeover rules.
 //! - [`takeover`]: epochs, owner keys and kicks in Redis.
-//! - [`control`]: the Pub/Sub subscriber on `downlink:{server_id}` (kicks).
+//! - [`control`]: the Pub/Sub subscriber on `downlink:{server_id}` (kicks,
+//!   commands, queue drains).
 //! - [`liveness`]: the liveness key and the instance registry record.
 //! - [`limits`]: open-file limit, connection capacity, per-IP rate limiter.
 //! - [`instance`]: the state every connection shares.
@@ -30,12 +43,14 @@
 pub mod auth;
 pub mod connection;
 pub mod control;
+pub mod downlink;
 pub mod instance;
 pub mod limits;
 pub mod liveness;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;
+pub mod reporter;
 pub mod server;
 pub mod session;
 pub mod takeover;
@@ -63,12 +78,17 @@ pub const DEFAULT_HTTP_PORT: u16 = 9100;
 
 /// Runs the service until `ctx.shutdown` is cancelled, then shuts down
 /// gracefully within `shutdown.grace`: stop accepting, close every device
-/// connection with `tcp_down(server_shutdown)`, flush the writer, remove the
-/// instance's liveness key, connection set and registry entry.
+/// connection with `tcp_down(server_shutdown)` (their downlink commands go
+/// back to the queue or fail), record the command changes, flush the
+/// writer, remove the instance's liveness key, connection set and registry
+/// entry.
+///
+/// Fails at start when the configuration cannot work: `mqtt.auth: registry`
+/// without `database.url`, or a registry database missing migrations.
 pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::Result<()> {
     metrics::describe();
     let config = &ctx.config;
-    let auth = auth::from_config(&config.mqtt)?;
+    let auth = auth::from_config(config, &ctx.health).await?;
     let capacity = limits::raise_and_compute(config.mqtt.max_connections);
     ::metrics::gauge!(metrics::CONNECTION_LIMIT).set(capacity.max_connections as f64);
     tracing::info!(
@@ -88,7 +108,7 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
         .max(config.redis.write_timeout)
         .max(Duration::from_millis(100));
     let (writer, writer_control) = writer::spawn(
-        writer::WriterConfig::from_config(&config.streams, redis_timeout),
+        writer::WriterConfig::from_config(config, redis_timeout),
         ctx.redis.clone(),
         &keys,
         ctx.server_id.clone(),
@@ -97,14 +117,27 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
     let registry = Arc::new(Registry::new());
     let connections = Arc::new(AtomicU64::new(0));
     let takeover = Takeover::new(keys.clone(), ctx.server_id.clone(), config.session_ttl());
+    let commands = iot_downlink::CommandStore::new(
+        ctx.redis.clone(),
+        keys.clone(),
+        iot_downlink::Settings::from(&config.downlink),
+    );
+    let (reporter, reporter_control) = reporter::spawn(
+        commands,
+        registry.clone(),
+        ctx.server_id.clone(),
+        redis_timeout,
+    );
     let inst = Arc::new(Instance {
         server_id: ctx.server_id.clone(),
         redis: ctx.redis.clone(),
         health: ctx.health.clone(),
         writer,
+        reporter: reporter.clone(),
+        downlink: downlink::Limits::from_config(&config.downlink),
         registry: registry.clone(),
         takeover: takeover.clone(),
-        auth,
+        auth: auth.authenticator,
         protocol: Mqtt,
         limits: Limits {
             max_packet_size: config.mqtt.max_packet_size as usize,
@@ -123,6 +156,7 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
         ctx.redis.clone(),
         keys.downlink_channel(&ctx.server_id),
         registry.clone(),
+        reporter,
         background.clone(),
     );
     if tokio::time::timeout(config.redis.dial_timeout, subscribed)
@@ -152,6 +186,32 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
     );
     let renewer = takeover.spawn_renewer(ctx.redis.clone(), registry.clone(), background.clone());
     let keepalive = registry.clone().spawn_keepalive(background.clone());
+    let mut registry_tasks = Vec::new();
+    if let Some(reg) = auth.registry {
+        // The `database` check: ok while the registry answers.
+        let every = reg
+            .ttl()
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let store = reg.store().clone();
+        registry_tasks.push(iot_service::health::spawn_probe(
+            ctx.health.clone(),
+            auth::HEALTH_CHECK,
+            every,
+            reg.query_timeout(),
+            background.clone(),
+            move || {
+                let store = store.clone();
+                async move { store.ping().await }
+            },
+        ));
+        let every = reg.ttl();
+        registry_tasks.push(auth::revocation::spawn(
+            reg,
+            registry.clone(),
+            every,
+            background.clone(),
+        ));
+    }
 
     let http_addr = http.local_addr()?;
     let router = ctx.base_router("ingest");
@@ -198,10 +258,16 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
             "device connections still closing at the shutdown deadline"
         );
     }
+    // The closed connections' commands are back in their queues (or
+    // failed) before the last events are written.
+    reporter_control.finish(deadline - cleanup_reserve).await;
     writer_control.finish(deadline - cleanup_reserve).await;
     // No beat may land after the keys are removed.
     background.cancel();
-    for task in [control_task, liveness_task, renewer, keepalive] {
+    let tasks = [control_task, liveness_task, renewer, keepalive]
+        .into_iter()
+        .chain(registry_tasks);
+    for task in tasks {
         task.abort();
         let _ = task.await;
     }

@@ -34,6 +34,28 @@ pub const PROTOCOL_VIOLATIONS: &str = "iot_ingest_protocol_violations_total";
 pub const TAKEOVERS: &str = "iot_ingest_takeovers_total";
 /// Gauge: the connection limit in force (from config or the open-file limit).
 pub const CONNECTION_LIMIT: &str = "iot_ingest_connection_limit";
+/// Counter by `attempt` (`first`, `retransmit`): downlink PUBLISHes written.
+pub const DOWNLINK_PUBLISHES: &str = "iot_ingest_downlink_publishes_total";
+/// Counter by `outcome`: what this instance decided about commands.
+pub const DOWNLINK_OUTCOMES: &str = "iot_ingest_downlink_outcomes_total";
+/// Gauge: commands sent and waiting for their PUBACK.
+pub const DOWNLINK_INFLIGHT: &str = "iot_ingest_downlink_inflight";
+/// Gauge: commands waiting for a place under the inflight limit.
+pub const DOWNLINK_WAITING: &str = "iot_ingest_downlink_waiting";
+/// Histogram: from the first transmission of a command to its PUBACK.
+pub const DOWNLINK_ACK: &str = "iot_ingest_downlink_ack_seconds";
+/// Counter: commands taken from offline queues and handed to connections.
+pub const DOWNLINK_DRAINED: &str = "iot_ingest_downlink_drained_total";
+/// Counter: reports that found their reporter lane full and ran on their own.
+pub const REPORT_OVERFLOW: &str = "iot_ingest_downlink_report_overflow_total";
+/// Counter: reports not applied because the reporter had finished (shutdown).
+pub const REPORTS_DROPPED: &str = "iot_ingest_downlink_reports_dropped_total";
+/// Counter by `reason`: CONNECTs refused for their credentials.
+pub const AUTH_FAILURES: &str = "iot_ingest_auth_failures_total";
+/// Counter by `result` (`hit`, `miss`, `stale`): credential cache lookups.
+pub const AUTH_CACHE: &str = "iot_ingest_auth_cache_total";
+/// Counter: connections closed because their device was disabled or deleted.
+pub const AUTH_REVOKED: &str = "iot_ingest_auth_revoked_total";
 
 /// Registers help text and units with the recorder. Safe to call repeatedly.
 pub fn describe() {
@@ -75,6 +97,108 @@ pub fn describe() {
         "Connections closed because a newer CONNECT took the session over, by scope"
     );
     describe_gauge!(CONNECTION_LIMIT, "The device connection limit in force");
+    describe_counter!(
+        DOWNLINK_PUBLISHES,
+        "Downlink command PUBLISHes written to devices, by attempt (first, retransmit)"
+    );
+    describe_counter!(
+        DOWNLINK_OUTCOMES,
+        "What this instance decided about downlink commands, by outcome (acked, timed_out, expired, no_subscription, parked, requeued, forwarded, device_gone, rejected)"
+    );
+    describe_gauge!(
+        DOWNLINK_INFLIGHT,
+        "Downlink commands sent and waiting for the device's PUBACK"
+    );
+    describe_gauge!(
+        DOWNLINK_WAITING,
+        "Downlink commands waiting for a place under the per-device inflight limit"
+    );
+    describe_histogram!(
+        DOWNLINK_ACK,
+        Unit::Seconds,
+        "From the first transmission of a downlink command to the device's PUBACK"
+    );
+    describe_counter!(
+        DOWNLINK_DRAINED,
+        "Commands taken from offline queues and handed to device connections"
+    );
+    describe_counter!(
+        REPORT_OVERFLOW,
+        "Command state changes that found their reporter lane full and ran in a task of their own"
+    );
+    describe_counter!(
+        REPORTS_DROPPED,
+        "Command state changes not applied because the reporter had finished (left to the sweeper)"
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "CONNECTs refused for their credentials, by reason (wrong_secret, unknown_device, disabled, username_mismatch, missing_credentials)"
+    );
+    describe_counter!(
+        AUTH_CACHE,
+        "Registry credential lookups, by result (hit: answered from the cache; miss: asked PostgreSQL; stale: PostgreSQL failed and an expired positive entry answered)"
+    );
+    describe_counter!(
+        AUTH_REVOKED,
+        "Connections closed because their device was disabled or deleted"
+    );
+    iot_downlink::metrics::describe();
+}
+
+/// Counts a downlink PUBLISH (`first` or `retransmit`).
+pub fn downlink_publish(dup: bool) {
+    let attempt = if dup { "retransmit" } else { "first" };
+    counter!(DOWNLINK_PUBLISHES, "attempt" => attempt).increment(1);
+}
+
+/// Counts a decision about a command.
+pub fn downlink_outcome(outcome: &'static str, n: u64) {
+    counter!(DOWNLINK_OUTCOMES, "outcome" => outcome).increment(n);
+}
+
+/// Moves the inflight and waiting gauges by what one connection changed.
+pub fn downlink_held(inflight: i64, waiting: i64) {
+    if inflight != 0 {
+        gauge!(DOWNLINK_INFLIGHT).increment(inflight as f64);
+    }
+    if waiting != 0 {
+        gauge!(DOWNLINK_WAITING).increment(waiting as f64);
+    }
+}
+
+/// Records the time from a command's first transmission to its PUBACK.
+pub fn downlink_acked_after(d: std::time::Duration) {
+    metrics::histogram!(DOWNLINK_ACK).record(d.as_secs_f64());
+}
+
+/// Counts commands handed from a queue to a connection.
+pub fn drained(n: usize) {
+    counter!(DOWNLINK_DRAINED).increment(n as u64);
+}
+
+/// Counts a report that ran outside its lane.
+pub fn report_overflow() {
+    counter!(REPORT_OVERFLOW).increment(1);
+}
+
+/// Counts reports dropped at shutdown.
+pub fn reports_dropped(n: u64) {
+    counter!(REPORTS_DROPPED).increment(n);
+}
+
+/// Counts a credential refusal.
+pub fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+/// Counts a credential cache lookup.
+pub fn auth_cache(result: &'static str) {
+    counter!(AUTH_CACHE, "result" => result).increment(1);
+}
+
+/// Counts a revoked connection.
+pub fn auth_revoked() {
+    counter!(AUTH_REVOKED).increment(1);
 }
 
 /// Counts a refused connection.

@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use iot_core::PhyId;
-use iot_mqtt::{ConnAck, ConnectReturnCode, Packet, PubAck};
+use iot_mqtt::{
+    ConnAck, ConnectReturnCode, MqttStr, Packet, PubAck, Publish, QoS, SubscribeReturnCode,
+};
 
-use crate::session::{self, Action, Session};
+use crate::session::{self, Action, Reply, Session};
+use crate::topics;
 
 /// A device's validated request to open a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +114,12 @@ pub enum Inbound {
         /// For QoS 1: the id to acknowledge once the event is written.
         ack: Option<u16>,
     },
+    /// The device acknowledged the downlink with this packet id (also a
+    /// sign of life).
+    DownlinkAck(u16),
+    /// The device subscribed to (some of) its downlinks: queued commands
+    /// may be delivered now (also a sign of life).
+    Subscribed,
     /// The device leaves cleanly.
     Disconnect,
 }
@@ -179,6 +188,23 @@ pub trait DeviceProtocol: Send + Sync + 'static {
 
     /// Writes the acknowledgement of an uplink whose event is written.
     fn write_uplink_ack(&self, ack: u16, out: &mut BytesMut);
+
+    /// Whether the device listens for the downlink `name`, or for any
+    /// downlink when `None`.
+    fn listens(&self, session: &Self::Session, name: Option<&str>) -> bool;
+
+    /// Writes downlink `name` with `payload` to device `phy` as packet
+    /// `pkid` (`dup`: a retransmission). Returns false if it cannot be
+    /// encoded (nothing is written).
+    fn write_downlink(
+        &self,
+        phy: &PhyId,
+        name: &str,
+        payload: &Bytes,
+        pkid: u16,
+        dup: bool,
+        out: &mut BytesMut,
+    ) -> bool;
 }
 
 /// MQTT 3.1.1 (protocol level 4).
@@ -227,6 +253,8 @@ impl DeviceProtocol for Mqtt {
         };
         Ok(Some(match session.handle(phy, packet)? {
             Action::Alive { reply, refused } => {
+                let subscribed = matches!(&reply, Some(Reply::SubAck(ack))
+                    if ack.return_codes.iter().any(|c| matches!(c, SubscribeReturnCode::Success(_))));
                 if let Some(reply) = reply {
                     reply.write(out);
                 }
@@ -234,8 +262,13 @@ impl DeviceProtocol for Mqtt {
                     tracing::warn!(%filters, "SUBSCRIBE outside the device's downlink tree refused (0x80)");
                     crate::metrics::violation("subscribe_refused");
                 }
-                Inbound::Alive
+                if subscribed {
+                    Inbound::Subscribed
+                } else {
+                    Inbound::Alive
+                }
             }
+            Action::DownlinkAck(pkid) => Inbound::DownlinkAck(pkid),
             Action::Uplink(p) => Inbound::Uplink {
                 topic: p.topic.as_str().to_owned(),
                 qos: p.qos as u8,
@@ -249,12 +282,36 @@ impl DeviceProtocol for Mqtt {
     fn write_uplink_ack(&self, ack: u16, out: &mut BytesMut) {
         out.extend_from_slice(&PubAck::encode(ack));
     }
+
+    fn listens(&self, session: &Session, name: Option<&str>) -> bool {
+        session.listens(name)
+    }
+
+    fn write_downlink(
+        &self,
+        phy: &PhyId,
+        name: &str,
+        payload: &Bytes,
+        pkid: u16,
+        dup: bool,
+        out: &mut BytesMut,
+    ) -> bool {
+        let Ok(topic) = MqttStr::try_from(topics::down_topic(phy, name)) else {
+            return false;
+        };
+        let mut p = Publish::new(topic, payload.clone());
+        p.qos = QoS::AtLeastOnce;
+        p.pkid = pkid;
+        p.dup = dup;
+        Packet::Publish(p).write(out);
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iot_mqtt::{Connect, MqttStr, PINGREQ_BYTES, Publish, QoS};
+    use iot_mqtt::{Connect, PINGREQ_BYTES, Subscribe, SubscribeFilter};
 
     const LIMITS: Limits = Limits {
         max_packet_size: 1024,
@@ -314,5 +371,63 @@ mod tests {
         assert!(out.is_empty());
         Mqtt.write_refusal(RefuseReason::ServerUnavailable, &mut out);
         assert_eq!(&out[..], &[0x20, 0x02, 0x00, 0x03]);
+    }
+
+    #[test]
+    fn mqtt_downlinks_subscribe_ack_and_write() {
+        let phy = PhyId::new("dev-1").expect("valid");
+        let mut s = Session::new();
+        assert!(!Mqtt.listens(&s, None));
+        let mut buf = BytesMut::new();
+        let mut out = BytesMut::new();
+        let refused = Subscribe {
+            pkid: 1,
+            filters: vec![SubscribeFilter::new(
+                MqttStr::from_static("devices/dev-2/down/#"),
+                QoS::AtLeastOnce,
+            )],
+        };
+        Packet::Subscribe(refused).write(&mut buf);
+        assert_eq!(
+            Mqtt.read(&mut s, &phy, &mut buf, &LIMITS, &mut out),
+            Ok(Some(Inbound::Alive)),
+            "nothing granted"
+        );
+        let sub = Subscribe {
+            pkid: 2,
+            filters: vec![SubscribeFilter::new(
+                MqttStr::from_static("devices/dev-1/down/#"),
+                QoS::AtLeastOnce,
+            )],
+        };
+        Packet::Subscribe(sub).write(&mut buf);
+        Packet::PubAck(PubAck { pkid: 9 }).write(&mut buf);
+        assert_eq!(
+            Mqtt.read(&mut s, &phy, &mut buf, &LIMITS, &mut out),
+            Ok(Some(Inbound::Subscribed))
+        );
+        assert_eq!(
+            Mqtt.read(&mut s, &phy, &mut buf, &LIMITS, &mut out),
+            Ok(Some(Inbound::DownlinkAck(9)))
+        );
+        assert!(Mqtt.listens(&s, Some("reboot")));
+
+        out.clear();
+        assert!(Mqtt.write_downlink(
+            &phy,
+            "reboot",
+            &Bytes::from_static(b"now"),
+            7,
+            true,
+            &mut out
+        ));
+        match Packet::read(&mut out, 1024) {
+            Ok(Some(Packet::Publish(p))) => {
+                assert_eq!(p.topic.as_str(), "devices/dev-1/down/reboot");
+                assert_eq!((p.qos, p.pkid, p.dup), (QoS::AtLeastOnce, 7, true));
+                assert_eq!(&p.payload[..], b"now");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

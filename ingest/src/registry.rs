@@ -7,10 +7,17 @@
 //! see [`crate::control`]). A kick that arrives before the connection it
 //! targets has registered is remembered for a short while so the race
 //! cannot leave two live connections behind.
+//!
+//! A connection's handle is also its mailbox: other tasks (the control
+//! subscriber, the downlink reporter) post downlink commands and drain
+//! requests to it, and the connection task takes them when it wakes. The
+//! mailbox allocates only while mail waits, and is closed when the
+//! connection ends, so that whatever is posted afterwards goes back to its
+//! sender instead of being lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::task::{Context, Poll};
@@ -21,6 +28,8 @@ use iot_core::{PhyId, TcpDownReason};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use uuid::Uuid;
+
+use crate::downlink::Mail;
 
 /// How long a kick without a matching connection is remembered.
 const KICK_MEMORY: Duration = Duration::from_secs(30);
@@ -40,8 +49,27 @@ pub struct ConnHandle {
     /// 0: open; otherwise 1 + the index of the close reason in
     /// [`TcpDownReason::ALL`].
     close: AtomicU8,
-    /// The connection task, woken when a close is asked.
+    /// The connection task, woken when a close is asked or mail arrives.
     waker: AtomicWaker,
+    /// Whether mail waits (checked without the lock on every wake).
+    has_mail: AtomicBool,
+    /// Mail for the connection task.
+    inbox: Mutex<Inbox>,
+    /// The last packet id given to a downlink PUBLISH.
+    pkid: AtomicU16,
+}
+
+/// A connection's mailbox.
+#[derive(Debug, Default)]
+struct Inbox {
+    /// Allocated only while mail waits.
+    #[allow(
+        clippy::box_collection,
+        reason = "one pointer instead of a 24-byte Vec in every connection's handle"
+    )]
+    mail: Option<Box<Vec<Mail>>>,
+    /// The connection has ended: nothing is taken any more.
+    closed: bool,
 }
 
 impl ConnHandle {
@@ -55,7 +83,70 @@ impl ConnHandle {
             last_seen_ms: AtomicU64::new(now_ms),
             close: AtomicU8::new(0),
             waker: AtomicWaker::new(),
+            has_mail: AtomicBool::new(false),
+            inbox: Mutex::new(Inbox::default()),
+            pkid: AtomicU16::new(0),
         })
+    }
+
+    /// Posts mail to the connection and wakes it; gives the mail back if the
+    /// connection has ended.
+    pub fn post(&self, mail: Mail) -> Result<(), Mail> {
+        self.post_all(vec![mail])
+            .map_err(|mut back| back.pop().expect("the one mail posted"))
+    }
+
+    /// Posts several mails at once, in order; gives them back if the
+    /// connection has ended.
+    pub fn post_all(&self, mail: Vec<Mail>) -> Result<(), Vec<Mail>> {
+        if mail.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut inbox = self.inbox.lock();
+            if inbox.closed {
+                return Err(mail);
+            }
+            match &mut inbox.mail {
+                Some(waiting) => waiting.extend(mail),
+                None => inbox.mail = Some(Box::new(mail)),
+            }
+            self.has_mail.store(true, Ordering::Release);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Whether mail waits.
+    pub fn has_mail(&self) -> bool {
+        self.has_mail.load(Ordering::Acquire)
+    }
+
+    /// Takes the waiting mail, oldest first.
+    pub fn take_mail(&self) -> Vec<Mail> {
+        let mut inbox = self.inbox.lock();
+        self.has_mail.store(false, Ordering::Release);
+        inbox.mail.take().map(|m| *m).unwrap_or_default()
+    }
+
+    /// Closes the mailbox (the connection has ended) and returns what was
+    /// still waiting; later posts are refused.
+    pub fn close_inbox(&self) -> Vec<Mail> {
+        let mut inbox = self.inbox.lock();
+        inbox.closed = true;
+        self.has_mail.store(false, Ordering::Release);
+        inbox.mail.take().map(|m| *m).unwrap_or_default()
+    }
+
+    /// The next packet id for a downlink PUBLISH: 1 to 65535, then around
+    /// again (never 0), so a late PUBACK rarely meets a reused id.
+    pub fn next_pkid(&self) -> u16 {
+        loop {
+            let id = self.pkid.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            if id != 0 {
+                return id;
+            }
+        }
     }
 
     /// The device sent something at `now_ms` ([`Registry::now_ms`]).
@@ -245,6 +336,20 @@ impl Registry {
         self.conns.remove_if(phy, |_, h| Arc::ptr_eq(h, handle));
     }
 
+    /// The connection that holds `phy` here, if any.
+    pub fn get(&self, phy: &PhyId) -> Option<Arc<ConnHandle>> {
+        self.conns.get(phy).map(|h| h.clone())
+    }
+
+    /// Asks the connection of `phy` with `epoch`, if it is still the
+    /// device's connection here, to close for `reason`. Returns whether this
+    /// call asked it.
+    pub fn close_device(&self, phy: &PhyId, epoch: u64, reason: TcpDownReason) -> bool {
+        self.get(phy)
+            .filter(|h| h.epoch == epoch)
+            .is_some_and(|h| h.close(reason))
+    }
+
     /// A kick from another instance: a connection of `phy` with an epoch
     /// lower than `epoch` closes with `takeover`. Returns whether one did.
     pub fn kick(&self, phy: &PhyId, epoch: u64) -> bool {
@@ -413,6 +518,84 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1000)).await;
         assert_eq!(r.expire_silent(), 1);
         assert_eq!(chatty.close_reason(), Some(TcpDownReason::Keepalive));
+    }
+
+    #[test]
+    fn mail_waits_until_taken_and_is_refused_after_the_end() {
+        let h = ConnHandle::new(Uuid::nil(), 1, Duration::from_secs(60), 0);
+        assert!(!h.has_mail());
+        assert!(h.take_mail().is_empty());
+        h.post(Mail::Drain(None)).expect("open");
+        h.post_all(vec![
+            Mail::Drain(Some("a".into())),
+            Mail::Drain(Some("b".into())),
+        ])
+        .expect("open");
+        assert!(h.has_mail());
+        let got = h.take_mail();
+        assert_eq!(
+            got,
+            vec![
+                Mail::Drain(None),
+                Mail::Drain(Some("a".into())),
+                Mail::Drain(Some("b".into()))
+            ]
+        );
+        assert!(!h.has_mail());
+        h.post(Mail::Drain(None)).expect("open");
+        assert_eq!(h.close_inbox(), vec![Mail::Drain(None)]);
+        assert_eq!(h.post(Mail::Drain(None)), Err(Mail::Drain(None)));
+        assert!(!h.has_mail());
+    }
+
+    #[tokio::test]
+    async fn mail_wakes_the_connection() {
+        let h = ConnHandle::new(Uuid::nil(), 1, Duration::from_secs(60), 0);
+        let waiter = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                std::future::poll_fn(|cx| {
+                    if h.poll_closed(cx).is_ready() || h.has_mail() {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        h.post(Mail::Drain(None)).expect("open");
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+    }
+
+    #[test]
+    fn packet_ids_skip_zero() {
+        let h = ConnHandle::new(Uuid::nil(), 1, Duration::from_secs(60), 0);
+        assert_eq!(h.next_pkid(), 1);
+        assert_eq!(h.next_pkid(), 2);
+        h.pkid.store(u16::MAX - 1, Ordering::Relaxed);
+        assert_eq!(h.next_pkid(), u16::MAX);
+        assert_eq!(h.next_pkid(), 1, "0 is not a packet id");
+    }
+
+    #[test]
+    fn devices_are_found_and_closed_by_epoch() {
+        let r = Registry::new();
+        let h = ConnHandle::new(Uuid::from_u128(1), 4, Duration::from_secs(60), 0);
+        r.register(&phy(), &h);
+        assert!(r.get(&phy()).is_some_and(|g| Arc::ptr_eq(&g, &h)));
+        assert!(r.get(&PhyId::new("other").expect("valid")).is_none());
+        assert!(
+            !r.close_device(&phy(), 3, TcpDownReason::Revoked),
+            "another epoch"
+        );
+        assert_eq!(h.close_reason(), None);
+        assert!(r.close_device(&phy(), 4, TcpDownReason::Revoked));
+        assert_eq!(h.close_reason(), Some(TcpDownReason::Revoked));
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub enum Action {
     },
     /// A PUBLISH on the device's uplink tree, QoS 0 or 1.
     Uplink(Publish),
+    /// PUBACK of a downlink command with this packet id (also a sign of life).
+    DownlinkAck(u16),
     /// DISCONNECT: the device leaves cleanly.
     Disconnect,
 }
@@ -162,14 +164,27 @@ impl Session {
         &self.subscriptions
     }
 
+    /// Whether the device listens for the downlink named `name` (the part
+    /// after `devices/{phy}/down/`), or for any downlink when `None`.
+    ///
+    /// Commands always go out with QoS 1, whatever QoS the matching filter
+    /// was granted: the PUBACK is what decides a command's fate, and device
+    /// clients acknowledge a QoS 1 PUBLISH on any subscription.
+    pub fn listens(&self, name: Option<&str>) -> bool {
+        match name {
+            Some(n) => self.subscriptions.granted(n).is_some(),
+            None => !self.subscriptions.is_empty(),
+        }
+    }
+
     /// Handles one packet from device `phy`.
     pub fn handle(&mut self, phy: &PhyId, packet: Packet) -> Result<Action, Violation> {
         match packet {
             Packet::PingReq => Ok(Action::alive(Some(Reply::PingResp))),
             Packet::Publish(p) => Self::publish(phy, p),
-            // Downlinks will match these to their commands; for now any
-            // acknowledgement is accepted as a sign of life.
-            Packet::PubAck(_) => Ok(Action::alive(None)),
+            // The connection matches it to its command (an unknown id is
+            // only a sign of life).
+            Packet::PubAck(p) => Ok(Action::DownlinkAck(p.pkid)),
             Packet::Subscribe(s) => {
                 let mut refused = Vec::new();
                 let codes = s
@@ -337,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn ping_and_puback_are_signs_of_life() {
+    fn ping_is_a_sign_of_life_and_puback_names_its_packet() {
         let mut s = session();
         assert_eq!(
             s.handle(&phy(), Packet::PingReq),
@@ -348,11 +363,26 @@ mod tests {
         );
         assert_eq!(
             s.handle(&phy(), Packet::PubAck(PubAck { pkid: 77 })),
-            Ok(Action::Alive {
-                reply: None,
-                refused: None
-            })
+            Ok(Action::DownlinkAck(77))
         );
+    }
+
+    #[test]
+    fn listening_follows_the_subscriptions() {
+        let mut s = session();
+        assert!(!s.listens(None));
+        assert!(!s.listens(Some("reboot")));
+        let sub = Subscribe {
+            pkid: 1,
+            filters: vec![SubscribeFilter::new(
+                MqttStr::from_static("devices/dev-1/down/+"),
+                QoS::AtMostOnce,
+            )],
+        };
+        s.handle(&phy(), Packet::Subscribe(sub)).expect("subscribe");
+        assert!(s.listens(None));
+        assert!(s.listens(Some("reboot")), "a QoS 0 grant still listens");
+        assert!(!s.listens(Some("a/b")));
     }
 
     #[test]

@@ -41,30 +41,9 @@ return 0
 /// Devices renewed per pipeline.
 const RENEW_CHUNK: usize = 500;
 
-/// The instance that holds a device, as stored in its owner key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    /// The instance.
-    pub server_id: ServerId,
-    /// The epoch of its connection.
-    pub epoch: u64,
-}
-
-impl Owner {
-    /// Parses `"<server_id> <epoch>"`.
-    pub fn parse(s: &str) -> Option<Self> {
-        let (server, epoch) = s.rsplit_once(' ')?;
-        Some(Self {
-            server_id: ServerId::new(server).ok()?,
-            epoch: epoch.parse().ok()?,
-        })
-    }
-
-    /// The stored form.
-    pub fn value(server_id: &ServerId, epoch: u64) -> String {
-        format!("{server_id} {epoch}")
-    }
-}
+/// The instance that holds a device, as stored in its owner key (one
+/// definition for every crate: `iot_core::registry::Owner`).
+pub use iot_core::registry::Owner;
 
 /// What a CONNECT took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +136,13 @@ impl Takeover {
                     .arg(&hash)
                     .arg(1)
                     .arg(self.keys.owner(phy))
-                    .arg(Owner::value(&self.server_id, *epoch))
+                    .arg(
+                        Owner {
+                            server_id: self.server_id.clone(),
+                            epoch: *epoch,
+                        }
+                        .format(),
+                    )
                     .arg(self.ttl_ms())
                     .ignore();
             }
@@ -202,15 +187,13 @@ mod tests {
     #[test]
     fn owner_values_round_trip() {
         let s = ServerId::new("iot-server-h-1").expect("valid");
-        let v = Owner::value(&s, 42);
+        let owner = Owner {
+            server_id: s.clone(),
+            epoch: 42,
+        };
+        let v = owner.format();
         assert_eq!(v, "iot-server-h-1 42");
-        assert_eq!(
-            Owner::parse(&v),
-            Some(Owner {
-                server_id: s,
-                epoch: 42
-            })
-        );
+        assert_eq!(Owner::parse(&v), Some(owner));
         for bad in ["", "x", "x y", "bad id 3", " 3"] {
             assert_eq!(Owner::parse(bad), None, "{bad}");
         }

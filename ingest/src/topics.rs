@@ -35,6 +35,11 @@ impl PublishRefusal {
     }
 }
 
+/// The topic of a downlink command: `devices/{phy}/down/{name}`.
+pub fn down_topic(phy: &PhyId, name: &str) -> String {
+    format!("{ROOT}/{phy}/{DOWN}/{name}")
+}
+
 /// Splits `devices/{phy}/{dir}/{rest}`; `None` if the shape differs.
 fn split_device_topic(topic: &str) -> Option<(&str, &str, &str)> {
     let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
@@ -191,6 +196,14 @@ mod tests {
         ] {
             assert_eq!(down_filter(&phy(), bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn downlink_topics_fall_under_the_down_filters() {
+        let t = down_topic(&phy(), "reboot");
+        assert_eq!(t, "devices/dev-1/down/reboot");
+        assert_eq!(down_filter(&phy(), "devices/dev-1/down/#"), Some("#"));
+        assert!(iot_mqtt::topic::matches("devices/dev-1/down/#", &t));
     }
 
     #[test]

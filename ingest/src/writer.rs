@@ -5,7 +5,10 @@
 //! them wait: backpressure reaches the sockets). The writer collects items
 //! until `streams.batch_max` entries are ready or `streams.flush_interval`
 //! has passed since the first, then writes them with one pipelined round of
-//! `XADD stream:events:{shard} MAXLEN ~ <maxlen> * e <entry>`.
+//! `XADD stream:events:{shard} MAXLEN ~ <maxlen> * e <entry>`; with the
+//! PostgreSQL archive (`database.url` set) without `MAXLEN`, since the
+//! archiver then trims the streams below what every consumer group has
+//! processed (see [`iot_core::Config::stream_maxlen`]).
 //!
 //! Heartbeats coalesce: per flush only the newest heartbeat of each device is
 //! kept ([`Pending`]), and they travel as `Entry::Heartbeats` batches grouped
@@ -239,8 +242,8 @@ impl Batch {
 pub struct WriterConfig {
     /// Number of shards.
     pub shards: u16,
-    /// `MAXLEN ~` per shard.
-    pub maxlen: u64,
+    /// `MAXLEN ~` per shard; `None`: no cap (the archiver trims).
+    pub maxlen: Option<u64>,
     /// Most events per flush.
     pub batch_max: usize,
     /// Longest wait before a flush.
@@ -254,12 +257,14 @@ pub struct WriterConfig {
 }
 
 impl WriterConfig {
-    /// From the `streams:` section, with `write_timeout` for each flush.
-    pub fn from_config(c: &iot_core::config::StreamsConfig, write_timeout: Duration) -> Self {
+    /// From the config (the `streams:` section, and whether the archive
+    /// trims the streams), with `write_timeout` for each flush.
+    pub fn from_config(config: &iot_core::Config, write_timeout: Duration) -> Self {
+        let c = &config.streams;
         Self {
             write_timeout,
             shards: c.shards.max(1),
-            maxlen: c.maxlen,
+            maxlen: config.stream_maxlen(),
             batch_max: (c.batch_max as usize).max(1),
             flush_interval: c.flush_interval,
             buffer_max: (c.buffer_max as usize).max(1),
@@ -561,15 +566,11 @@ impl Writer {
         for (shard, entry) in entries {
             bytes.clear();
             entry.encode_into(&mut bytes);
-            pipe.cmd("XADD")
-                .arg(&self.stream_keys[usize::from(*shard)])
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.cfg.maxlen)
-                .arg("*")
-                .arg(ENTRY_FIELD)
-                .arg(&bytes[..])
-                .ignore();
+            let xadd = pipe.cmd("XADD").arg(&self.stream_keys[usize::from(*shard)]);
+            if let Some(maxlen) = self.cfg.maxlen {
+                xadd.arg("MAXLEN").arg("~").arg(maxlen);
+            }
+            xadd.arg("*").arg(ENTRY_FIELD).arg(&bytes[..]).ignore();
         }
         let mut conn = self.redis.get();
         let timeout = self.cfg.write_timeout;

@@ -173,7 +173,13 @@ async fn registry_round_trip() {
 
     // Re-checking connected devices: disabled (dev-1), deleted (x-0) and
     // never registered (ghost) ones are not in the answer.
-    let asked = [phy("dev-1"), phy("x-0"), phy("x-1"), phy("x-2"), phy("ghost")];
+    let asked = [
+        phy("dev-1"),
+        phy("x-0"),
+        phy("x-1"),
+        phy("x-2"),
+        phy("ghost"),
+    ];
     let enabled = store.enabled_devices(&asked).await.unwrap();
     let mut enabled: Vec<_> = enabled.into_iter().collect();
     enabled.sort();

@@ -618,6 +618,21 @@ impl Config {
         self.policy.policy(self.session.heartbeat_timeout)
     }
 
+    /// Whether the PostgreSQL archive runs (`database.url` set). The rule
+    /// for stream trimming follows from it, in one place: with the archive,
+    /// the projector's archiver trims the event streams below what every
+    /// consumer group has processed, so the ingest appends without `MAXLEN`;
+    /// without it, the ingest caps each shard with `MAXLEN ~ streams.maxlen`.
+    pub fn archive_enabled(&self) -> bool {
+        !self.database.url.trim().is_empty()
+    }
+
+    /// The `MAXLEN ~` cap the ingest puts on each event stream shard, or
+    /// `None` when the archiver trims them (see [`archive_enabled`](Self::archive_enabled)).
+    pub fn stream_maxlen(&self) -> Option<u64> {
+        (!self.archive_enabled()).then_some(self.streams.maxlen)
+    }
+
     /// TTL of session keys: 2 x heartbeat timeout.
     pub fn session_ttl(&self) -> Duration {
         self.session.heartbeat_timeout.saturating_mul(2)
@@ -1002,6 +1017,18 @@ fn apply_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_archive_decides_who_trims_the_streams() {
+        let mut c = Config::default();
+        assert!(!c.archive_enabled());
+        assert_eq!(c.stream_maxlen(), Some(1_000_000));
+        c.database.url = "  ".into();
+        assert!(!c.archive_enabled(), "blank is not configured");
+        c.database.url = "postgres://postgres@127.0.0.1/test".into();
+        assert!(c.archive_enabled());
+        assert_eq!(c.stream_maxlen(), None, "the archiver trims");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -269,10 +269,31 @@ pub struct Client {
 impl Client {
     /// Connects `id` to `addr` with `keepalive` and waits for CONNACK.
     pub async fn connect(addr: &str, id: &str, keepalive: Duration) -> Self {
+        Self::connect_with(addr, id, keepalive, |_| {}).await
+    }
+
+    /// Like [`connect`](Self::connect), but acknowledges incoming QoS 1
+    /// PUBLISHes only when told to ([`ack`](Self::ack)).
+    pub async fn connect_manual_acks(addr: &str, id: &str, keepalive: Duration) -> Self {
+        Self::connect_with(addr, id, keepalive, |o| {
+            o.set_manual_acks(true);
+        })
+        .await
+    }
+
+    /// Connects with options changed by `tweak` and waits for an accepting
+    /// CONNACK.
+    pub async fn connect_with(
+        addr: &str,
+        id: &str,
+        keepalive: Duration,
+        tweak: impl FnOnce(&mut MqttOptions),
+    ) -> Self {
         let (host, port) = addr.rsplit_once(':').expect("host:port");
         let mut opts = MqttOptions::new(id, host, port.parse().expect("port"));
         opts.set_keep_alive(keepalive);
-        let (client, mut eventloop) = AsyncClient::new(opts, 16);
+        tweak(&mut opts);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
@@ -317,6 +338,57 @@ impl Client {
         }
     }
 
+    /// Subscribes to `devices/{id}/down/#` with QoS 1 and waits for the
+    /// SUBACK granting it.
+    pub async fn subscribe_down(&mut self, id: &str) {
+        self.client
+            .subscribe(format!("devices/{id}/down/#"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("queue SUBSCRIBE");
+        match self.incoming(Duration::from_secs(10)).await {
+            MqttPacket::SubAck(ack) => assert_eq!(
+                ack.return_codes,
+                [rumqttc::SubscribeReasonCode::Success(
+                    rumqttc::QoS::AtLeastOnce
+                )],
+                "SUBACK"
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next incoming PUBLISH (other packets, such as PINGRESP, are
+    /// skipped).
+    pub async fn publish(&mut self, timeout: Duration) -> rumqttc::Publish {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let MqttPacket::Publish(p) = self.incoming(left).await {
+                return p;
+            }
+        }
+    }
+
+    /// Whether a PUBLISH arrives within `window` (a check that something
+    /// does *not* happen: the window bounds it).
+    pub async fn publish_within(&mut self, window: Duration) -> Option<rumqttc::Publish> {
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return None,
+                Ok(None) => panic!("event loop ended"),
+                Ok(Some(Err(e))) => panic!("connection error: {e}"),
+                Ok(Some(Ok(MqttEvent::Incoming(MqttPacket::Publish(p))))) => return Some(p),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Acknowledges an incoming QoS 1 PUBLISH (manual acks).
+    pub async fn ack(&self, p: &rumqttc::Publish) {
+        self.client.ack(p).await.expect("queue PUBACK");
+    }
+
     /// Waits for the connection to end; returns the error text.
     pub async fn ended(&mut self, timeout: Duration) -> String {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -339,4 +411,123 @@ impl Drop for Client {
 
 fn describe(e: &ConnectionError) -> String {
     format!("{e}")
+}
+
+/// A command store on the test's Redis, with the downlink settings of
+/// `config(redis_url, ..)` changed by `tweak` (the store's settings decide
+/// the queue cap and when the sweeper takes a command for stuck).
+pub async fn command_store(
+    redis_url: &str,
+    tweak: impl FnOnce(&mut iot_core::config::DownlinkConfig),
+) -> iot_downlink::CommandStore {
+    let cfg = config(redis_url, "cmd-store");
+    let mut downlink = cfg.downlink.clone();
+    tweak(&mut downlink);
+    let pool = iot_service::RedisPool::connect(&cfg.redis)
+        .await
+        .expect("redis pool");
+    iot_downlink::CommandStore::new(pool, cfg.keys(), iot_downlink::Settings::from(&downlink))
+}
+
+/// A command for `phy` named `name`.
+pub fn new_command(
+    phy: &str,
+    name: &str,
+    payload: &[u8],
+    queue_if_offline: bool,
+    ttl: Option<Duration>,
+) -> iot_downlink::NewCommand {
+    iot_downlink::NewCommand {
+        phy_id: phy_id(phy),
+        name: name.to_owned(),
+        payload: payload.to_vec(),
+        ttl,
+        queue_if_offline,
+    }
+}
+
+/// Waits until command `id` satisfies `check`; returns its record and log.
+pub async fn wait_command(
+    store: &iot_downlink::CommandStore,
+    id: uuid::Uuid,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&iot_downlink::Command) -> bool,
+) -> (iot_downlink::Command, Vec<iot_downlink::Change>) {
+    let check = &check;
+    iot_test_support::eventually(timeout, what, || async move {
+        match store.get_with_history(&id).await {
+            Ok(Some((c, log))) if check(&c) => Ok((c, log)),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Waits until command `id` has `status`.
+pub async fn wait_status(
+    store: &iot_downlink::CommandStore,
+    id: uuid::Uuid,
+    status: iot_downlink::Status,
+    timeout: Duration,
+) -> (iot_downlink::Command, Vec<iot_downlink::Change>) {
+    wait_command(store, id, &format!("command {status}"), timeout, |c| {
+        c.status == status
+    })
+    .await
+}
+
+/// The statuses of a command's log, in order.
+pub fn statuses(log: &[iot_downlink::Change]) -> Vec<&'static str> {
+    log.iter().map(|c| c.status.as_str()).collect()
+}
+
+/// A projector running in this process on the test's Redis.
+pub struct Projector {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Projector {
+    /// Starts a projector with `config(redis_url, server_id)` changed by `tweak`.
+    pub async fn start(redis_url: &str, server_id: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = config(redis_url, server_id);
+        tweak(&mut cfg);
+        let token = CancellationToken::new();
+        let ctx = Context::start(cfg, token.clone())
+            .await
+            .expect("projector context");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let handle = tokio::spawn(projector::run(ctx, http));
+        Self { token, handle }
+    }
+
+    /// Stops it.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+/// Connects with `username` / `password` (raw device) and returns the
+/// CONNACK code and the connection.
+pub async fn connect_with_credentials(
+    addr: &str,
+    id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> (iot_test_support::TestDevice, iot_mqtt::ConnectReturnCode) {
+    let mut connect =
+        iot_mqtt::Connect::new(iot_mqtt::MqttStr::try_from(id.to_owned()).expect("client id"));
+    connect.keep_alive = 30;
+    connect.username =
+        username.map(|u| iot_mqtt::MqttStr::try_from(u.to_owned()).expect("username"));
+    connect.password = password.map(bytes::Bytes::copy_from_slice);
+    let mut d = iot_test_support::TestDevice::open(addr).await;
+    d.send(&iot_mqtt::Packet::Connect(connect)).await;
+    match d.recv(Duration::from_secs(15)).await {
+        Some(iot_mqtt::Packet::ConnAck(ack)) => (d, ack.code),
+        other => panic!("expected CONNACK for {id}, got {other:?}"),
+    }
 }
