@@ -7,6 +7,9 @@
 //!   behaviours, a JSON report with hdrhistogram percentiles, and the
 //!   ground truth of what each device really did.
 //! - `iot-bench`, the baselines and scenarios, each one bounded command.
+//!   A scenario starts the system under test for itself (private Redis,
+//!   ingest processes, projector, api from `--bin-dir`), drives it with the
+//!   simulator and compares what the api says with the ground truth.
 //!
 //! # Layout
 //!
@@ -24,6 +27,15 @@
 //!   `count_scan.rs`, `idle_connections.rs`), the seed's session record
 //!   (`seed_session.rs`), the Redis they use (`redis_target.rs`) and a
 //!   minimal RESP client (`resp.rs`).
+//! - `scenario/`: the scenarios, one per file (`connect_storm.rs`,
+//!   `steady_state.rs`, `presence.rs`, `api_reads.rs`, `downlinks.rs`,
+//!   `failover.rs`, `ingest_idle.rs`), the heartbeat-to-view probes
+//!   (`probe.rs`), the HTTP load generator (`load_gen.rs`) and what they
+//!   share (`mod.rs`).
+//! - `stack/`: the system under test: [`stack::Stack`] (`mod.rs`: Redis,
+//!   ingests, projector, api, and CPU/memory windows), one service process
+//!   (`service.rs`), where the binaries are (`binaries.rs`), a minimal
+//!   HTTP/1.1 client (`http.rs`) and the api's answers (`api.rs`).
 //! - `servers/`: private redis-server and Mosquitto processes.
 //! - `bench_cli.rs`: the `iot-bench` subcommands.
 //! - `bench_report.rs`: the report envelope (machine, date, command).
@@ -39,5 +51,7 @@ pub mod histogram;
 pub mod loopback;
 pub mod proc_stat;
 pub mod rng;
+pub mod scenario;
 pub mod servers;
 pub mod sim;
+pub mod stack;

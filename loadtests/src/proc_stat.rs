@@ -1,4 +1,5 @@
-//! What a process costs, read from `/proc`: resident memory and CPU time.
+//! What a process costs, read from `/proc`: resident memory and CPU time;
+//! and what the machine has left ([`SystemSnapshot`]).
 //!
 //! Used to measure a server under test from the outside (Mosquitto, an
 //! ingest instance, redis-server) without its cooperation.
@@ -83,6 +84,60 @@ pub fn own_cpu_time() -> Result<Duration, ProcError> {
     cpu_time(std::process::id())
 }
 
+/// The machine's memory and sockets at one moment (`/proc/meminfo`,
+/// `/proc/net/sockstat`, `/proc/sys/fs/file-nr`): what a million
+/// connections cost the kernel.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SystemSnapshot {
+    /// MemAvailable, KiB.
+    pub mem_available_kib: u64,
+    /// Slab (kernel objects: sockets, inodes, ...), KiB.
+    pub slab_kib: u64,
+    /// TCP sockets in use (both ends of every loopback connection).
+    pub tcp_inuse: u64,
+    /// Memory of TCP socket buffers, KiB (sockstat `mem`, pages).
+    pub tcp_mem_kib: u64,
+    /// Open files of the whole machine.
+    pub open_files: u64,
+}
+
+impl SystemSnapshot {
+    /// Reads it now (fields that cannot be read stay 0).
+    pub fn now() -> SystemSnapshot {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+        let file_nr = std::fs::read_to_string("/proc/sys/fs/file-nr").unwrap_or_default();
+        let page_kib = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4, |p| u64::try_from(p / 1024).unwrap_or(4));
+        let tcp = sockstat
+            .lines()
+            .find_map(|l| l.strip_prefix("TCP:"))
+            .unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            let mut it = tcp.split_whitespace();
+            while let Some(k) = it.next() {
+                if k == name {
+                    return it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                }
+            }
+            0
+        };
+        SystemSnapshot {
+            mem_available_kib: parse_status_kib(&meminfo, "MemAvailable:").unwrap_or(0),
+            slab_kib: parse_status_kib(&meminfo, "Slab:").unwrap_or(0),
+            tcp_inuse: field("inuse"),
+            tcp_mem_kib: field("mem") * page_kib,
+            open_files: file_nr
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +155,13 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_time(me).is_ok());
         assert!(matches!(rss_kib(u32::MAX), Err(ProcError::Read { .. })));
+    }
+
+    #[test]
+    fn reads_the_machine() {
+        let s = SystemSnapshot::now();
+        assert!(s.mem_available_kib > 0 && s.slab_kib > 0, "{s:?}");
+        assert!(s.open_files > 0, "{s:?}");
     }
 
     #[test]

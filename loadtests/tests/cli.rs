@@ -40,7 +40,18 @@ fn help_documents_every_option_and_subcommand() {
         .expect("run iot-bench");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for sub in ["seed-heartbeat", "count-scan", "mosquitto-idle"] {
+    for sub in [
+        "seed-heartbeat",
+        "count-scan",
+        "mosquitto-idle",
+        "connect-storm",
+        "steady-state",
+        "presence",
+        "api-reads",
+        "downlinks",
+        "failover",
+        "ingest-idle",
+    ] {
         assert!(help.contains(sub), "iot-bench --help lacks {sub}");
     }
 }
@@ -99,4 +110,18 @@ fn bad_options_fail_with_a_clear_message() {
         .expect("run iot-bench");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+
+    // A scenario without the service binaries says where to get them.
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(common::iot_bench())
+        .args(["connect-storm", "-n", "1", "--bin-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run iot-bench");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--bin-dir") && err.contains("cargo build"),
+        "{err}"
+    );
 }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::SimConfig;
 pub use report::SimReport;
 pub use stats::Progress;
-pub use truth::{GroundTruth, TruthKind, TruthRecord};
+pub use truth::{GroundTruth, TruthKind, TruthRecord, TruthTap};
 
 /// Open files a process needs besides its device sockets.
 const FD_RESERVE: u64 = 64;
@@ -77,6 +77,7 @@ pub struct SimOutcome {
 pub struct SimHandle {
     progress: watch::Receiver<Progress>,
     truth: Arc<Mutex<GroundTruth>>,
+    pids: Arc<Mutex<Vec<u32>>>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<SimReport>>,
 }
@@ -85,6 +86,13 @@ pub struct SimHandle {
 /// only), raises the open-file limit and starts the devices, in this
 /// process or in worker processes (see [`SimConfig::worker_count`]).
 pub async fn start(config: SimConfig) -> anyhow::Result<SimHandle> {
+    start_with_tap(config, None).await
+}
+
+/// [`start`], with a live feed of ground-truth records: in this process a
+/// record reaches `tap` the moment the device makes it; from worker
+/// processes up to one progress tick (250 ms) later.
+pub async fn start_with_tap(config: SimConfig, tap: Option<TruthTap>) -> anyhow::Result<SimHandle> {
     config.validate()?;
     let targets = resolve_targets(&config)?;
     let fd_limit = raise_fd_limit();
@@ -94,6 +102,7 @@ pub async fn start(config: SimConfig) -> anyhow::Result<SimHandle> {
         ..Progress::default()
     });
     let truth = Arc::new(Mutex::new(GroundTruth::new()));
+    let pids = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let task = if workers <= 1 {
         // Takeover devices hold two sockets for a moment.
@@ -107,8 +116,9 @@ pub async fn start(config: SimConfig) -> anyhow::Result<SimHandle> {
         }
         let truth = truth.clone();
         let stop = stop.clone();
+        pids.lock().push(std::process::id());
         tokio::spawn(async move {
-            let report = worker::drive_local(config, targets, stop, |p, records| {
+            let report = worker::drive_local(config, targets, stop, tap, |p, records| {
                 tx.send_replace(p);
                 if !records.is_empty() {
                     truth.lock().extend(records);
@@ -124,12 +134,17 @@ pub async fn start(config: SimConfig) -> anyhow::Result<SimHandle> {
             workers,
             stop.clone(),
             tx,
-            truth.clone(),
+            worker::WorkerShared {
+                truth: truth.clone(),
+                tap,
+                pids: pids.clone(),
+            },
         ))
     };
     Ok(SimHandle {
         progress: rx,
         truth,
+        pids,
         stop,
         task,
     })
@@ -150,6 +165,12 @@ impl SimHandle {
     /// goes on).
     pub fn truth(&self) -> Arc<Mutex<GroundTruth>> {
         self.truth.clone()
+    }
+
+    /// The processes running the devices (this process for an in-process
+    /// run, else the workers started so far), for CPU and memory figures.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().clone()
     }
 
     /// Asks the run to end now: devices leave (DISCONNECT with `--end

@@ -365,6 +365,12 @@ impl Stats {
             disconnects: self.disconnects.iter().map(Counter::get).sum(),
             packets_sent: self.packets_sent.get(),
             packets_received: self.packets_received.get(),
+            pings_sent: self.pings_sent.get(),
+            pongs: self.pongs.get(),
+            publishes_sent: self.publishes_sent.get(),
+            downlinks_received: self.downlinks_received.get(),
+            downlinks_acked: self.downlinks_acked.get(),
+            takeovers: self.takeovers.get(),
             all_connected_at_ms: self.all_connected_at_ms(),
             workers_done: 0,
         }
@@ -397,6 +403,24 @@ pub struct Progress {
     pub packets_sent: u64,
     /// Packets read.
     pub packets_received: u64,
+    /// PINGREQs sent.
+    #[serde(default)]
+    pub pings_sent: u64,
+    /// PINGRESPs received.
+    #[serde(default)]
+    pub pongs: u64,
+    /// Uplink PUBLISHes sent.
+    #[serde(default)]
+    pub publishes_sent: u64,
+    /// Downlink PUBLISHes received.
+    #[serde(default)]
+    pub downlinks_received: u64,
+    /// Downlink PUBACKs sent.
+    #[serde(default)]
+    pub downlinks_acked: u64,
+    /// Takeovers (second connection accepted).
+    #[serde(default)]
+    pub takeovers: u64,
     /// When every device had connected once (ms since the epoch).
     pub all_connected_at_ms: Option<i64>,
     /// Worker processes that have finished (multi-process runs).
@@ -421,6 +445,12 @@ impl Progress {
             out.disconnects += p.disconnects;
             out.packets_sent += p.packets_sent;
             out.packets_received += p.packets_received;
+            out.pings_sent += p.pings_sent;
+            out.pongs += p.pongs;
+            out.publishes_sent += p.publishes_sent;
+            out.downlinks_received += p.downlinks_received;
+            out.downlinks_acked += p.downlinks_acked;
+            out.takeovers += p.takeovers;
             out.workers_done += p.workers_done;
             all = match (all, p.all_connected_at_ms) {
                 (Some(a), Some(b)) => Some(a.max(b)),

@@ -237,9 +237,20 @@ fn intervals_of(timeline: &[TruthRecord]) -> Vec<Interval> {
 /// Where device tasks append their records: shared, cheap to clone, drained
 /// by the worker loop.
 #[derive(Debug, Clone, Default)]
-pub struct TruthLog(Arc<Mutex<Vec<TruthRecord>>>);
+pub struct TruthLog {
+    records: Arc<Mutex<Vec<TruthRecord>>>,
+    tap: Option<TruthTap>,
+}
 
 impl TruthLog {
+    /// A log that also hands every record to `tap` the moment it is made.
+    pub fn with_tap(tap: Option<TruthTap>) -> Self {
+        Self {
+            records: Arc::default(),
+            tap,
+        }
+    }
+
     /// Appends one record stamped now.
     pub fn record(&self, device: u32, conn: u16, kind: TruthKind) {
         self.push(TruthRecord {
@@ -252,12 +263,61 @@ impl TruthLog {
 
     /// Appends one record.
     pub fn push(&self, record: TruthRecord) {
-        self.0.lock().push(record);
+        if let Some(tap) = &self.tap {
+            tap.offer(record);
+        }
+        self.records.lock().push(record);
     }
 
     /// Takes every record appended since the last call.
     pub fn drain(&self) -> Vec<TruthRecord> {
-        std::mem::take(&mut *self.0.lock())
+        std::mem::take(&mut *self.records.lock())
+    }
+}
+
+/// A live feed of ground-truth records for scenario code that must react
+/// at once (poll the api right after a device dropped): a bounded channel;
+/// records that do not fit are counted, never waited for, so the tap cannot
+/// slow the devices down.
+#[derive(Debug, Clone)]
+pub struct TruthTap {
+    tx: tokio::sync::mpsc::Sender<TruthRecord>,
+    kinds: Arc<[TruthKind]>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TruthTap {
+    /// A tap for records of `kinds` (all kinds if empty) holding at most
+    /// `capacity` unread records, and its receiving end.
+    pub fn new(
+        kinds: &[TruthKind],
+        capacity: usize,
+    ) -> (TruthTap, tokio::sync::mpsc::Receiver<TruthRecord>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (
+            TruthTap {
+                tx,
+                kinds: kinds.into(),
+                dropped: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Hands `record` over if its kind is wanted and there is room.
+    pub fn offer(&self, record: TruthRecord) {
+        if !self.kinds.is_empty() && !self.kinds.contains(&record.kind) {
+            return;
+        }
+        if self.tx.try_send(record).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Records that did not fit (or found the receiver gone).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -335,5 +395,19 @@ mod tests {
         log.record(2, 1, TruthKind::Connected);
         assert_eq!(log.drain().len(), 2);
         assert!(log.drain().is_empty());
+    }
+
+    #[test]
+    fn tap_gets_wanted_kinds_at_once_and_counts_overflow() {
+        let (tap, mut rx) = TruthTap::new(&[TruthKind::Dropped], 1);
+        let log = TruthLog::with_tap(Some(tap.clone()));
+        log.record(1, 1, TruthKind::Connected);
+        log.record(1, 1, TruthKind::Dropped);
+        log.record(2, 1, TruthKind::Dropped);
+        assert_eq!(rx.try_recv().expect("tapped").device, 1);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(tap.dropped(), 1);
+        // The log itself keeps everything.
+        assert_eq!(log.drain().len(), 3);
     }
 }

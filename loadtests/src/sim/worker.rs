@@ -29,7 +29,7 @@ use crate::sim::config::SimConfig;
 use crate::sim::engine::run_devices;
 use crate::sim::report::SimReport;
 use crate::sim::stats::{Progress, Stats};
-use crate::sim::truth::{GroundTruth, TruthLog, TruthRecord};
+use crate::sim::truth::{GroundTruth, TruthLog, TruthRecord, TruthTap};
 
 /// How often progress is sampled (and sent by workers).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -77,10 +77,13 @@ pub enum WorkerMessage {
 /// `stop` fires, or (with `stop_when_connected`) every device has connected;
 /// calls `on_tick` every [`TICK`] with the progress and the new truth
 /// records, and once more at the end.
+///
+/// `tap` receives every ground-truth record the moment a device makes it.
 pub async fn drive_local(
     config: SimConfig,
     targets: Arc<[SocketAddr]>,
     stop: CancellationToken,
+    tap: Option<TruthTap>,
     mut on_tick: impl FnMut(Progress, Vec<TruthRecord>),
 ) -> SimReport {
     let started_ms = iot_core::time::now_ms();
@@ -88,7 +91,7 @@ pub async fn drive_local(
     let deadline = started + config.duration;
     let config = Arc::new(config);
     let stats = Arc::new(Stats::new(config.devices));
-    let truth = TruthLog::default();
+    let truth = TruthLog::with_tap(tap);
     let run = CancellationToken::new();
     let engine = tokio::spawn(run_devices(
         config.clone(),
@@ -159,7 +162,7 @@ pub async fn run_child() -> anyhow::Result<()> {
         let _ = stdin.read_to_end(&mut rest).await;
         on_eof.cancel();
     });
-    let report = drive_local(spec.config, targets, stop, |progress, records| {
+    let report = drive_local(spec.config, targets, stop, None, |progress, records| {
         emit(&WorkerMessage::Progress { progress });
         for chunk in records.chunks(TRUTH_BATCH) {
             emit(&WorkerMessage::Truth {
@@ -211,15 +214,28 @@ struct Worker {
     stdin: Option<ChildStdin>,
 }
 
+/// What the parent shares with the code that drives a multi-process run.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerShared {
+    /// The ground truth, merged as records arrive.
+    pub truth: Arc<Mutex<GroundTruth>>,
+    /// Offered every record as it arrives from a worker (up to one [`TICK`]
+    /// after the device made it).
+    pub tap: Option<TruthTap>,
+    /// Process ids of the running workers.
+    pub pids: Arc<Mutex<Vec<u32>>>,
+}
+
 /// The parent side: runs `config` over `n` worker processes, publishing the
-/// merged progress on `progress` and the ground truth into `truth`.
+/// merged progress on `progress` and the ground truth into `shared.truth`.
 pub async fn drive_workers(
     config: SimConfig,
     n: u32,
     stop: CancellationToken,
     progress: watch::Sender<Progress>,
-    truth: Arc<Mutex<GroundTruth>>,
+    shared: WorkerShared,
 ) -> anyhow::Result<SimReport> {
+    let truth = shared.truth.clone();
     let exe = worker_exe(&config)?;
     let started_ms = iot_core::time::now_ms();
     let started = Instant::now();
@@ -239,6 +255,9 @@ pub async fn drive_workers(
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start worker {k} ({})", exe.display()))?;
+        if let Some(pid) = child.id() {
+            shared.pids.lock().push(pid);
+        }
         let mut stdin = child
             .stdin
             .take()
@@ -286,7 +305,14 @@ pub async fn drive_workers(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some((k, WorkerMessage::Progress { progress })) => parts[k] = progress,
-                Some((_, WorkerMessage::Truth { records })) => truth.lock().extend(records),
+                Some((_, WorkerMessage::Truth { records })) => {
+                    if let Some(tap) = &shared.tap {
+                        for r in &records {
+                            tap.offer(*r);
+                        }
+                    }
+                    truth.lock().extend(records);
+                }
                 Some((k, WorkerMessage::Report { report })) => {
                     parts[k].workers_done = 1;
                     reports[k] = Some(*report);
