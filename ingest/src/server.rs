@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::instance::Instance;
 use crate::limits::RateLimiter;
@@ -125,17 +124,11 @@ pub async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        // The peer is not a span field: it is in the lines that matter
-        // (refusals, "device connected"), and each span field costs every
-        // idle connection its formatted text for as long as it lives.
-        let span = tracing::info_span!(
-            "conn",
-            phy_id = tracing::field::Empty,
-            conn_id = tracing::field::Empty
-        );
         // The connection task gives the slot back (see `connection::serve`).
+        // Its work runs in `conn` spans it makes per step (see
+        // `connection`), so an idle connection holds no span.
         permit.forget();
-        tracker.spawn(crate::connection::serve(inst.clone(), stream).instrument(span));
+        tracker.spawn(crate::connection::serve(inst.clone(), stream));
     }
 }
 
