@@ -99,7 +99,7 @@ impl AppState {
             commands: CommandStore::new(
                 ctx.redis.clone(),
                 cfg.keys(),
-                DownlinkSettings::from(&cfg.downlink),
+                DownlinkSettings::from_config(cfg),
             ),
             max_packet_size: cfg.mqtt.max_packet_size as usize,
             max_body_bytes: crate::body_limit(cfg.mqtt.max_packet_size as usize),

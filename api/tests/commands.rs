@@ -162,6 +162,14 @@ async fn a_command_for_an_offline_device_fails_or_waits_in_its_queue() {
         "answered after {took:?}"
     );
     assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    // Both wait in the offline queue: the deployment's queue depth.
+    let (status, st) = api.get("/api/stats").await;
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(
+        st["commands"],
+        json!({"queued": 2, "dispatched": 0, "sent": 0}),
+        "{st}"
+    );
     // A device without commands has an empty list, not a 404.
     let (status, empty) = api.get(&path("nobody")).await;
     assert_eq!(status, 200);

@@ -182,6 +182,12 @@ impl Keys {
         self.k(format_args!("commands:deadline"))
     }
 
+    /// Hash status -> count: commands in each non-terminal state (queued,
+    /// dispatched, sent), for the queue-depth gauge and `GET /api/stats`.
+    pub fn commands_open(&self) -> String {
+        self.k(format_args!("commands:open"))
+    }
+
     /// Stream of command state changes, archived to the command log.
     pub fn command_events(&self) -> String {
         self.k(format_args!("stream:commands"))

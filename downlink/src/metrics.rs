@@ -19,6 +19,10 @@ pub fn describe() {
         "iot_downlink_deadlines",
         "Commands not yet in a terminal state, watched by the sweeper"
     );
+    metrics::describe_gauge!(
+        "iot_downlink_open_commands",
+        "Commands in each non-terminal state, deployment-wide (status=queued is the offline queue depth)"
+    );
     metrics::describe_counter!(
         "iot_downlink_sweeps_total",
         "Commands the sweeper acted on, by action"
@@ -30,6 +34,17 @@ pub fn terminal(status: Status, roundtrip: Option<Duration>) {
     metrics::counter!("iot_downlink_commands_total", "status" => status.as_str()).increment(1);
     if let Some(rt) = roundtrip {
         metrics::histogram!("iot_downlink_roundtrip_seconds").record(rt.as_secs_f64());
+    }
+}
+
+/// Publishes the deployment-wide counts of open commands.
+pub fn open(counts: &crate::store::OpenCounts) {
+    for (status, n) in [
+        (Status::Queued, counts.queued),
+        (Status::Dispatched, counts.dispatched),
+        (Status::Sent, counts.sent),
+    ] {
+        metrics::gauge!("iot_downlink_open_commands", "status" => status.as_str()).set(n as f64);
     }
 }
 

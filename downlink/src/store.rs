@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use iot_core::config::DownlinkConfig;
+use iot_core::config::{Config, DownlinkConfig, StreamsConfig};
 use iot_core::{Keys, PhyId};
 use iot_service::RedisPool;
 use redis::Script;
@@ -31,9 +31,14 @@ pub struct Settings {
     pub retention: Duration,
     /// Unacknowledged commands per device.
     pub max_inflight: u32,
+    /// `MAXLEN ~` of `stream:commands`; `None` when the archive is on (its
+    /// archiver trims the stream below what it has stored).
+    pub stream_maxlen: Option<u64>,
 }
 
 impl From<&DownlinkConfig> for Settings {
+    /// The `downlink` section alone: `stream:commands` capped at the
+    /// default `streams.maxlen` (use [`Settings::from_config`] in services).
     fn from(c: &DownlinkConfig) -> Self {
         Self {
             ack_timeout: c.ack_timeout,
@@ -41,17 +46,39 @@ impl From<&DownlinkConfig> for Settings {
             default_ttl: c.queue_ttl,
             retention: c.retention,
             max_inflight: c.max_inflight,
+            stream_maxlen: Some(StreamsConfig::default().maxlen),
         }
     }
 }
 
 impl Settings {
+    /// The `downlink` section, with `stream:commands` trimmed as the event
+    /// streams are: by `streams.maxlen` without the archive, by the
+    /// archiver with it.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            stream_maxlen: config.stream_maxlen(),
+            ..Self::from(&config.downlink)
+        }
+    }
+
     /// How long after its last change a dispatched or sent command may go
     /// unresolved before the sweeper looks for its owner: two ACK timeouts
     /// (send + retransmission) plus a margin for the Pub/Sub hop.
     pub fn stuck_after(&self) -> Duration {
         self.ack_timeout * 2 + Duration::from_secs(2)
     }
+}
+
+/// Commands in each non-terminal state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpenCounts {
+    /// Waiting in the offline queues of devices (the sum of their depths).
+    pub queued: u64,
+    /// Published to an owner instance, not yet sent to the device.
+    pub dispatched: u64,
+    /// Sent to the device, waiting for its PUBACK.
+    pub sent: u64,
 }
 
 /// A state change to apply.
@@ -275,6 +302,7 @@ impl CommandStore {
             now,
             &created,
         );
+        self.count_open(&mut pipe, None, status);
         pipe.query_async::<()>(&mut self.redis.get()).await?;
         if status.is_terminal() {
             crate::metrics::terminal(status, None);
@@ -342,6 +370,7 @@ impl CommandStore {
             now,
             &[],
         );
+        self.count_open(&mut pipe, Some(prev), t.to);
         if t.to.is_terminal() {
             pipe.cmd("ZREM")
                 .arg(self.keys.command_deadlines())
@@ -364,6 +393,42 @@ impl CommandStore {
         Ok(Some(prev))
     }
 
+    /// Moves one command from `from` to `to` in the counts of open
+    /// commands. Like the change stream, this follows the state change in a
+    /// second step: a crash between the two leaves a count off by one.
+    fn count_open(&self, pipe: &mut redis::Pipeline, from: Option<Status>, to: Status) {
+        let key = self.keys.commands_open();
+        if let Some(from) = from.filter(|s| !s.is_terminal()) {
+            pipe.cmd("HINCRBY")
+                .arg(&key)
+                .arg(from.as_str())
+                .arg(-1)
+                .ignore();
+        }
+        if !to.is_terminal() {
+            pipe.cmd("HINCRBY")
+                .arg(&key)
+                .arg(to.as_str())
+                .arg(1)
+                .ignore();
+        }
+    }
+
+    /// How many commands are in each non-terminal state, deployment-wide:
+    /// `queued` is the depth of all offline queues together.
+    pub async fn open_counts(&self) -> redis::RedisResult<OpenCounts> {
+        let counts: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys.commands_open())
+            .query_async(&mut self.redis.get())
+            .await?;
+        let get = |s: Status| counts.get(s.as_str()).copied().unwrap_or(0).max(0) as u64;
+        Ok(OpenCounts {
+            queued: get(Status::Queued),
+            dispatched: get(Status::Dispatched),
+            sent: get(Status::Sent),
+        })
+    }
+
     /// Appends a state change to `stream:commands` (what the archiver
     /// writes to the PostgreSQL command log); `extra` carries the creating
     /// change's device, name, payload and expiry.
@@ -378,15 +443,11 @@ impl CommandStore {
         now: i64,
         extra: &[(&str, &[u8])],
     ) {
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(self.keys.command_events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(1_000_000)
-            .arg("*")
-            .arg("id")
-            .arg(id.to_string());
+        let cmd = pipe.cmd("XADD").arg(self.keys.command_events());
+        if let Some(maxlen) = self.settings.stream_maxlen {
+            cmd.arg("MAXLEN").arg("~").arg(maxlen);
+        }
+        cmd.arg("*").arg("id").arg(id.to_string());
         for (k, v) in extra {
             cmd.arg(*k).arg(*v);
         }
@@ -571,5 +632,21 @@ impl CommandStore {
             .arg(id.to_string())
             .query_async(&mut self.redis.get())
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_stream_is_capped_only_without_the_archive() {
+        let mut c = Config::default();
+        c.streams.maxlen = 5_000;
+        assert_eq!(Settings::from_config(&c).stream_maxlen, Some(5_000));
+        c.database.url = "postgres://postgres@127.0.0.1/test".into();
+        let s = Settings::from_config(&c);
+        assert_eq!(s.stream_maxlen, None, "the archiver trims");
+        assert_eq!(s.queue_max, c.downlink.queue_max);
     }
 }

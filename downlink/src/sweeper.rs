@@ -49,6 +49,7 @@ pub async fn sweep_once(store: &CommandStore, now: i64) -> redis::RedisResult<us
         .query_async(&mut store.redis().get())
         .await?;
     metrics::gauge!("iot_downlink_deadlines").set(pending as f64);
+    crate::metrics::open(&store.open_counts().await?);
     Ok(ids.len())
 }
 

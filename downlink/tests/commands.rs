@@ -9,7 +9,7 @@ use iot_core::{Keys, PhyId, ServerId};
 use iot_downlink::command::field;
 use iot_downlink::route::{self, Location};
 use iot_downlink::sweeper;
-use iot_downlink::{CommandStore, NewCommand, Settings, Status, Transition};
+use iot_downlink::{CommandStore, NewCommand, OpenCounts, Settings, Status, Transition};
 use iot_service::RedisPool;
 use iot_test_support::{RedisServer, eventually};
 
@@ -20,6 +20,7 @@ fn settings() -> Settings {
         default_ttl: Duration::from_secs(60),
         retention: Duration::from_secs(60),
         max_inflight: 4,
+        stream_maxlen: Some(10_000),
     }
 }
 
@@ -115,6 +116,8 @@ async fn offline_with_queue_waits_in_order_until_full() {
         .expect("submit");
     assert_eq!(full.status, Status::Failed);
     assert_eq!(full.reason.as_deref(), Some("queue_full"));
+    let open = store.open_counts().await.expect("counts");
+    assert_eq!(open.queued, 3, "the refused one is not counted: {open:?}");
     let taken = store.take_queued(&phy("d-2"), 10).await.expect("take");
     assert_eq!(taken.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
     // Putting them back keeps the order.
@@ -140,6 +143,7 @@ async fn terminal_states_are_final_and_from_is_checked() {
         .await
         .expect("submit");
     let now = iot_core::time::now_ms();
+    assert_eq!(store.open_counts().await.expect("counts").queued, 1);
     // Not from `sent`: it is queued.
     let t = Transition::to(Status::Acked).from(&[Status::Sent]);
     assert_eq!(store.transition(&c.id, &t, now).await.expect("t"), None);
@@ -148,16 +152,28 @@ async fn terminal_states_are_final_and_from_is_checked() {
         store.transition(&c.id, &t, now).await.expect("t"),
         Some(Status::Queued)
     );
+    let open = |queued, sent| OpenCounts {
+        queued,
+        dispatched: 0,
+        sent,
+    };
+    assert_eq!(store.open_counts().await.expect("counts"), open(0, 1));
     let t = Transition::to(Status::Acked).from(&[Status::Sent]);
     assert_eq!(
         store.transition(&c.id, &t, now + 5).await.expect("t"),
         Some(Status::Sent)
     );
+    assert_eq!(store.open_counts().await.expect("counts"), open(0, 0));
     let t = Transition::to(Status::TimedOut);
     assert_eq!(
         store.transition(&c.id, &t, now + 6).await.expect("t"),
         None,
         "terminal is final"
+    );
+    assert_eq!(
+        store.open_counts().await.expect("counts"),
+        OpenCounts::default(),
+        "a refused change moves no count"
     );
     let (read, log) = store
         .get_with_history(&c.id)

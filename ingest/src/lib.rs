@@ -120,7 +120,7 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
     let commands = iot_downlink::CommandStore::new(
         ctx.redis.clone(),
         keys.clone(),
-        iot_downlink::Settings::from(&config.downlink),
+        iot_downlink::Settings::from_config(config),
     );
     let (reporter, reporter_control) = reporter::spawn(
         commands,

@@ -30,7 +30,7 @@ pub async fn spawn(
     let commands = CommandStore::new(
         ctx.redis.clone(),
         ctx.config.keys(),
-        DownlinkSettings::from(&ctx.config.downlink),
+        DownlinkSettings::from_config(&ctx.config),
     );
     tasks.spawn(iot_downlink::sweeper::run(
         commands,

@@ -163,12 +163,13 @@ impl Reaper {
                         reason: TcpDownReason::ServerLost,
                     },
                 };
-                pipe.cmd("XADD")
-                    .arg(k.events(shard_of(phy.as_str(), s.shards)))
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(s.maxlen)
-                    .arg("*")
+                let xadd = pipe
+                    .cmd("XADD")
+                    .arg(k.events(shard_of(phy.as_str(), s.shards)));
+                if let Some(maxlen) = s.maxlen {
+                    xadd.arg("MAXLEN").arg("~").arg(maxlen);
+                }
+                xadd.arg("*")
                     .arg(ENTRY_FIELD)
                     .arg(Entry::Event(ev).encode())
                     .ignore();

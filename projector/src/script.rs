@@ -241,7 +241,9 @@ impl Scripts {
             k.known(shard),
         ];
         let mut cmd = self.fcall("index", &keys);
-        cmd.arg(s.maxlen).arg(if quiet { "1" } else { "0" });
+        // '' for no cap: the archiver trims.
+        cmd.arg(s.maxlen.map(|m| m.to_string()).unwrap_or_default())
+            .arg(if quiet { "1" } else { "0" });
         for u in updates {
             u.write_args(&mut cmd);
         }

@@ -44,8 +44,9 @@ pub struct Settings {
     /// TTL of an ingest's liveness key, ms.
     pub liveness_ttl_ms: i64,
     /// Approximate length cap of the lifecycle streams (and of the event
-    /// streams, for the reaper's events).
-    pub maxlen: u64,
+    /// streams, for the reaper's events); `None` when the archive is on, so
+    /// that only the archiver trims (below what it has stored).
+    pub maxlen: Option<u64>,
 }
 
 impl Settings {
@@ -76,7 +77,7 @@ impl Settings {
             reaper_interval: p.reaper_interval.max(Duration::from_millis(10)),
             lag_interval: p.lag_interval.max(Duration::from_millis(10)),
             liveness_ttl_ms: millis(config.session.liveness_ttl),
-            maxlen: config.streams.maxlen,
+            maxlen: config.stream_maxlen(),
         }
     }
 
@@ -107,5 +108,17 @@ mod tests {
         assert_eq!(s.per_shard_count(), 32);
         c.projector.consumer = " worker-a ".into();
         assert_eq!(Settings::from_config(&c, &id).consumer, "worker-a");
+    }
+
+    #[test]
+    fn lifecycle_streams_are_capped_only_without_the_archive() {
+        let mut c = Config::default();
+        let id = ServerId::new("p-1").expect("valid id");
+        assert_eq!(
+            Settings::from_config(&c, &id).maxlen,
+            Some(c.streams.maxlen)
+        );
+        c.database.url = "postgres://postgres@127.0.0.1/test".into();
+        assert_eq!(Settings::from_config(&c, &id).maxlen, None);
     }
 }

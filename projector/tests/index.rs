@@ -51,6 +51,40 @@ fn record(phy: &str, online: bool, rev: u64, due: i64) -> Record {
 }
 
 #[tokio::test]
+async fn lifecycle_entries_are_uncapped_when_the_archiver_trims() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let mut c = config(&redis.url(), &prefix, SHARDS);
+    c.database.url = "postgres://postgres@127.0.0.1/unused".into();
+    let p = Projection::new(Arc::new(Settings::from_config(&c, &srv("t"))));
+    assert_eq!(p.settings().maxlen, None);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    p.scripts().load(&mut conn).await.unwrap();
+    let d = "dev-y";
+    let shard = shard_of(d, SHARDS);
+    let updates = [
+        IndexUpdate::State {
+            record: record(d, true, 10, 5000),
+            lease: false,
+        },
+        IndexUpdate::Gone {
+            phy: d.into(),
+            now_ms: 5000,
+            lease: false,
+        },
+    ];
+    let cmd = p.scripts().index(p.settings(), shard, false, &updates);
+    let flips = parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap();
+    assert_eq!(flips.len(), 2);
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.iter().map(|t| t.online).collect::<Vec<_>>(),
+        vec![true, false]
+    );
+}
+
+#[tokio::test]
 async fn index_ignores_stale_revisions_and_flips_once() {
     let redis = RedisServer::start();
     let prefix = unique_prefix();

@@ -375,6 +375,9 @@ async fn lag_is_published_and_bad_entries_are_acknowledged() {
         "iot_projector_lag_pending_entries",
         "iot_projector_transitions_total{to=\"online\",reason=\"connected\"}",
         "iot_projector_batch_duration_seconds",
+        // The command sweeper runs beside the projection.
+        "iot_downlink_open_commands{status=\"queued\"} 0",
+        "iot_downlink_deadlines 0",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }

@@ -403,13 +403,13 @@ fn id_key(id: &str) -> (u64, u64) {
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
-/// Trims each event stream below the oldest entry some group still has to
-/// process (pending, or not yet delivered). With the archive on, this is
-/// the only trimming of the event streams: nothing leaves Redis before the
+/// Trims each archived stream (events, lifecycle, command changes) below
+/// the oldest entry some group still has to process (pending, or not yet
+/// delivered). With the archive on, this is the only trimming of these
+/// streams (their writers add no `MAXLEN`): nothing leaves Redis before the
 /// archive (and the projectors) have it.
 async fn trim(conn: &mut ConnectionManager, opts: &ArchiverOptions) -> redis::RedisResult<()> {
-    for shard in 0..opts.shards {
-        let key = opts.keys.events(shard);
+    for key in stream_keys(opts) {
         let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(&key)

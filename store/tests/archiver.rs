@@ -389,3 +389,98 @@ async fn command_log_holds_every_state_change() {
     token.cancel();
     task.await.expect("archiver");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_and_command_streams_are_trimmed_only_after_they_are_archived() {
+    use iot_downlink::{CommandStore, NewCommand, Settings, route};
+    let redis = RedisServer::start();
+    let db = TestDb::create().await;
+    let store = store_at(db.url()).await;
+    let pool = pool(&redis).await;
+    let keys = Keys::default();
+    let mut conn = pool.get();
+
+    // As the services configure it with the archive on: no MAXLEN.
+    let commands = CommandStore::new(
+        pool.clone(),
+        keys.clone(),
+        Settings {
+            stream_maxlen: None,
+            ..Settings::from(&iot_core::config::DownlinkConfig::default())
+        },
+    );
+    const COMMANDS: usize = 150;
+    for i in 0..COMMANDS {
+        let new = NewCommand {
+            phy_id: phy(i),
+            name: "reboot".into(),
+            payload: vec![],
+            ttl: None,
+            queue_if_offline: false,
+        };
+        route::submit(&commands, new).await.expect("submit");
+    }
+    const TRANSITIONS: usize = 400;
+    let lifecycle = keys.lifecycle(1);
+    for i in 0..TRANSITIONS {
+        let _: String = redis::cmd("XADD")
+            .arg(&lifecycle)
+            .arg("*")
+            .arg(&[
+                ("phy_id", phy(i).to_string()),
+                ("online", (i % 2).to_string()),
+                ("reason", "connected".to_owned()),
+                ("at_ms", (1_795_000_000_000 + i as i64).to_string()),
+                ("epoch", "1".to_owned()),
+                ("rev", "1".to_owned()),
+            ])
+            .query_async(&mut conn)
+            .await
+            .expect("XADD lifecycle");
+    }
+    let xlen = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let command_entries = xlen(keys.command_events()).await.expect("XLEN");
+    // One change each (created failed: the devices are offline).
+    assert_eq!(command_entries, COMMANDS as u64);
+
+    let token = CancellationToken::new();
+    let task = tokio::spawn(archiver::run(
+        pool.clone(),
+        store.clone(),
+        Health::default(),
+        opts("archiver-a"),
+        token.clone(),
+    ));
+    eventually(Duration::from_secs(30), "archived, then trimmed", || async {
+        let rows: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM transitions), (SELECT count(DISTINCT command_id) FROM command_events)",
+        )
+        .fetch_one(store.pool())
+        .await
+        .map_err(|e| e.to_string())?;
+        let left = (
+            xlen(lifecycle.clone()).await?,
+            xlen(keys.command_events()).await?,
+        );
+        if rows == (TRANSITIONS as i64, COMMANDS as i64)
+            && left.0 < TRANSITIONS as u64
+            && left.1 < command_entries
+        {
+            Ok(())
+        } else {
+            Err(format!("rows {rows:?}, stream lengths {left:?}"))
+        }
+    })
+    .await;
+    token.cancel();
+    task.await.expect("archiver");
+}

@@ -31,6 +31,17 @@ pub struct ServerCounts {
     pub alive: usize,
 }
 
+/// Downlink commands not yet in a terminal state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OpenCommands {
+    /// Waiting in the offline queues of devices (all queues together).
+    pub queued: u64,
+    /// Published to the owning instance, not yet sent.
+    pub dispatched: u64,
+    /// Sent to the device, waiting for its PUBACK.
+    pub sent: u64,
+}
+
 /// Counts over the whole deployment.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Stats {
@@ -46,6 +57,8 @@ pub struct Stats {
     pub lag: LagInfo,
     /// Ingest instances.
     pub servers: ServerCounts,
+    /// Downlink commands in flight or queued.
+    pub commands: OpenCommands,
     /// When this was read, RFC 3339.
     pub as_of: String,
 }
@@ -65,12 +78,13 @@ pub async fn stats(
     StrictQuery(NoParams {}): StrictQuery<NoParams>,
 ) -> Result<Json<Stats>, ApiError> {
     let as_of = now_ms();
-    let ((online, known), lag, servers) = state
+    let ((online, known), lag, servers, open) = state
         .redis(async {
             tokio::try_join!(
                 presence::counts(&state),
                 presence::lag(&state),
-                instances::list(&state)
+                instances::list(&state),
+                async { Ok::<_, ApiError>(state.commands.open_counts().await?) }
             )
         })
         .await?;
@@ -86,6 +100,11 @@ pub async fn stats(
         servers: ServerCounts {
             total: servers.len(),
             alive: servers.iter().filter(|s| s.alive).count(),
+        },
+        commands: OpenCommands {
+            queued: open.queued,
+            dispatched: open.dispatched,
+            sent: open.sent,
         },
         as_of: rfc3339(as_of).unwrap_or_default(),
     }))

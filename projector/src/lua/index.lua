@@ -1,7 +1,7 @@
 -- FN..'index': the shard-level projection of one event shard; every key is
 -- tagged {shard}: keys = online, presence_rev, lifecycle, due, known.
 --
--- Arguments: lifecycle maxlen, quiet (1: no lifecycle entries), then records of 10:
+-- Arguments: lifecycle maxlen ('' for no cap: the archiver trims), quiet (1: no lifecycle entries), then records of 10:
 --   op ('u' update, 'g' gone), phy, online (1/0), rev, lifecycle reason,
 --   at ms, epoch, due ms ('' none), known ms ('' none), lease (1: remove the
 --   due lease 'L:phy').
@@ -16,6 +16,13 @@
 -- Returns the flips: phy, online, reason, ...
 redis.register_function(FN .. 'index', function(keys, args)
   local maxlen = args[1]
+  local function lifecycle(...)
+    if maxlen == '' then
+      redis.call('XADD', keys[3], '*', ...)
+    else
+      redis.call('XADD', keys[3], 'MAXLEN', '~', maxlen, '*', ...)
+    end
+  end
   local quiet = args[2] == '1'
   local out = {}
   local i = 3
@@ -39,8 +46,7 @@ redis.register_function(FN .. 'index', function(keys, args)
         end
         if flip then
           if not quiet then
-            redis.call('XADD', keys[3], 'MAXLEN', '~', maxlen, '*', 'phy_id', phy,
-              'online', on, 'reason', lc, 'at_ms', at, 'epoch', epoch, 'rev', rev)
+            lifecycle('phy_id', phy, 'online', on, 'reason', lc, 'at_ms', at, 'epoch', epoch, 'rev', rev)
           end
           out[#out + 1] = phy
           out[#out + 1] = on
@@ -54,8 +60,7 @@ redis.register_function(FN .. 'index', function(keys, args)
         if redis.call('ZREM', keys[1], phy) == 1 then
           local r = string.format('%d', tonumber(cur or '0') + 1)
           if not quiet then
-            redis.call('XADD', keys[3], 'MAXLEN', '~', maxlen, '*', 'phy_id', phy,
-              'online', '0', 'reason', 'heartbeat_expired', 'at_ms', at, 'epoch', epoch, 'rev', r)
+            lifecycle('phy_id', phy, 'online', '0', 'reason', 'heartbeat_expired', 'at_ms', at, 'epoch', epoch, 'rev', r)
           end
           out[#out + 1] = phy
           out[#out + 1] = '0'
