@@ -2,11 +2,13 @@
 //! indexes, and the lag record. Thin I/O; every decision is in the caller.
 //!
 //! Each function makes as few round trips as it can: a device answer is one
-//! pipeline (view and lag); a page of the online list is at most three (the
-//! counts with the cursor's shard, later shards, the listed devices' fields).
+//! pipeline (view, seen score and lag); a page of the online list is at most
+//! three (the counts with the cursor's shard, later shards, the listed
+//! devices' fields and seen scores).
 
 use std::collections::HashMap;
 
+use iot_core::keys::shard_of;
 use iot_core::registry::Lag;
 use iot_core::view::field;
 use iot_core::{PhyId, SessionView};
@@ -62,11 +64,22 @@ impl Projected {
     }
 }
 
-/// The view of `phy` (`None`: no view) and the lag record, in one round trip.
+/// The view of `phy` (`None`: no view) and the lag record, in one round
+/// trip. `last_seen` is the larger of the view's field and the device's
+/// score in its shard's seen set (where the projector keeps the heartbeats
+/// of online devices).
 pub async fn device(state: &AppState, phy: &PhyId) -> Result<(Option<Device>, Lag), ApiError> {
     let mut conn = state.redis.get();
-    let (fields, lag): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+    let (fields, seen, lag): (
+        HashMap<String, String>,
+        Option<f64>,
+        HashMap<String, String>,
+    ) = redis::pipe()
         .hgetall(state.keys.device(phy))
+        .zscore(
+            state.keys.seen(shard_of(phy.as_str(), state.shards)),
+            phy.as_str(),
+        )
         .hgetall(state.keys.projector_lag())
         .query_async(&mut conn)
         .await?;
@@ -74,8 +87,9 @@ pub async fn device(state: &AppState, phy: &PhyId) -> Result<(Option<Device>, La
     if fields.is_empty() {
         return Ok((None, lag));
     }
-    let view = SessionView::from_fields(&fields)
+    let mut view = SessionView::from_fields(&fields)
         .map_err(|e| ApiError::Internal(format!("the stored view of {phy} is corrupt: {e}")))?;
+    view.fold_seen(seen.filter(|t| t.is_finite()).map(|t| t as i64));
     Ok((
         Some(Device {
             view,
@@ -254,15 +268,39 @@ async fn finish(
         for p in &phys {
             pipe.cmd("HMGET").arg(state.keys.device(p)).arg(&wanted[..]);
         }
-        let rows: Vec<Vec<Option<String>>> = pipe.query_async(conn).await?;
-        for (phy_id, row) in phys.into_iter().zip(rows) {
+        // The seen scores (one ZMSCORE per shard, in order of first use).
+        let mut by_shard: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, p) in phys.iter().enumerate() {
+            let shard = shard_of(p.as_str(), state.shards);
+            match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, list)) => list.push(i),
+                None => by_shard.push((shard, vec![i])),
+            }
+        }
+        for (shard, list) in &by_shard {
+            pipe.cmd("ZMSCORE")
+                .arg(state.keys.seen(*shard))
+                .arg(list.iter().map(|&i| phys[i].as_str()).collect::<Vec<_>>());
+        }
+        let mut replies: Vec<Value> = pipe.query_async(conn).await?;
+        let seen_replies = replies.split_off(phys.len());
+        let mut seen: Vec<Option<i64>> = vec![None; phys.len()];
+        for ((_, list), reply) in by_shard.iter().zip(seen_replies) {
+            let scores: Vec<Option<f64>> = conv(reply, "ZMSCORE")?;
+            for (&i, score) in list.iter().zip(scores) {
+                seen[i] = score.filter(|t| t.is_finite()).map(|t| t as i64);
+            }
+        }
+        for ((phy_id, reply), seen) in phys.into_iter().zip(replies).zip(seen) {
+            let row: Vec<Option<String>> = conv(reply, "HMGET")?;
             let get = |i: usize| row.get(i).cloned().flatten().filter(|v| !v.is_empty());
+            let stored: Option<i64> = get(3).and_then(|v| v.parse().ok());
             devices.push(OnlineEntry {
                 phy_id,
                 server_id: get(0),
                 conn_id: get(1),
                 since: get(2).and_then(|v| v.parse().ok()),
-                last_seen: get(3).and_then(|v| v.parse().ok()),
+                last_seen: stored.max(seen),
                 reason: get(4),
             });
         }

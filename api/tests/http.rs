@@ -193,6 +193,52 @@ async fn device_answer_has_the_seeds_fields_and_explains_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_includes_the_heartbeats_kept_in_the_seen_set() {
+    let api = TestApi::start().await;
+    let mut seed = api.seeder().await;
+    let p = phy("dev-seen");
+    let a = srv("ingest-a");
+    seed.device(
+        &p,
+        &[event(&p, &a, 1, T - 400_000, connected())],
+        Some(ProjectedState {
+            online: true,
+            reason: "heartbeat_fresh".into(),
+            since: T - 400_000,
+            rev: 1,
+        }),
+    )
+    .await;
+    // By the view's own field the heartbeat expired (timeout 5 min).
+    let (_, stale) = api.get(&format!("/api/devices/dev-seen?now={T}")).await;
+    assert_eq!(stale["online"], false, "{stale}");
+    assert_eq!(stale["last_seen"], "2024-05-01T11:53:20.000Z");
+
+    // The projector kept the newer heartbeats in the shard's seen set.
+    let shard = iot_core::keys::shard_of(p.as_str(), seed.shards);
+    let () = redis::cmd("ZADD")
+        .arg(seed.keys.seen(shard))
+        .arg(T - 1000)
+        .arg(p.as_str())
+        .query_async(&mut seed.conn)
+        .await
+        .expect("zadd");
+    let (status, d) = api.get(&format!("/api/devices/dev-seen?now={T}")).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["last_seen"], "2024-05-01T11:59:59.000Z");
+    assert_eq!(d["online"], true);
+    assert_eq!(d["reason"], "heartbeat_fresh");
+    let (_, page) = api.get("/api/devices/online").await;
+    let listed = page["devices"]
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["phy_id"] == "dev-seen"))
+        .cloned()
+        .expect("listed");
+    assert_eq!(listed["last_seen"], "2024-05-01T11:59:59.000Z");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_disconnect_and_an_ack_timeout_show_in_the_answer() {
     let api = TestApi::start().await;
     let mut seed = api.seeder().await;

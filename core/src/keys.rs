@@ -128,6 +128,14 @@ impl Keys {
         self.k(format_args!("presence:known:{{{shard}}}"))
     }
 
+    /// Sorted set phyID -> ms of the newest heartbeat of each device of a
+    /// shard (`ZADD GT`). Heartbeats of an online device go only here; the
+    /// view's `last_seen` is the larger of the hash field and this score
+    /// (see [`crate::SessionView::fold_seen`]).
+    pub fn seen(&self, shard: u16) -> String {
+        self.k(format_args!("presence:seen:{{{shard}}}"))
+    }
+
     /// Sorted set phyID -> ms: when each device of a shard must be evaluated
     /// again (heartbeat expiry, end of a penalty window).
     pub fn due(&self, shard: u16) -> String {

@@ -9,6 +9,16 @@
 //!   belongs to the highest epoch seen. An event of a lower epoch never binds
 //!   or unbinds. Within the bound epoch, `connected_at` and `ended` merge by
 //!   max, so a tcp_down that arrives before its own `connected` still wins.
+//!   Heartbeats never bind: they only move `last_seen` (every connection's
+//!   `connected` event binds it), which lets the projector keep the
+//!   heartbeats of online devices out of the view (see below).
+//!
+//! In Redis, `last_seen` lives in two places: the view's hash field and the
+//! shard's `presence:seen:{shard}` sorted set, where the projector puts the
+//! heartbeats of devices that are online (one `ZADD GT` per batch instead
+//! of a script call per heartbeat). The stored view is the hash with
+//! `last_seen` raised to the seen score ([`SessionView::fold_seen`]); both
+//! are max-merged, so the pair is a semilattice as well.
 //!
 //! The projector applies the same rules inside Redis (a Lua script); its tests
 //! check the script against [`SessionView::apply`].
@@ -156,7 +166,10 @@ impl SessionView {
             }
         }
 
-        // Binding: highest epoch.
+        // Binding: highest epoch; heartbeats never bind.
+        if matches!(kind, EventKind::Heartbeat) {
+            return;
+        }
         if epoch > self.epoch {
             self.epoch = epoch;
             self.conn_id = Some(conn_id);
@@ -175,6 +188,14 @@ impl SessionView {
                 EventKind::Disconnected => self.end(ts, Ended::Disconnected),
                 _ => {}
             }
+        }
+    }
+
+    /// Raises `last_seen` to `seen`, the device's score in the shard's
+    /// seen set (where heartbeats of online devices are kept).
+    pub fn fold_seen(&mut self, seen: Option<i64>) {
+        if let Some(t) = seen {
+            self.last_seen = max_opt(self.last_seen, t);
         }
     }
 
@@ -382,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_move_last_seen_but_never_bind() {
+        let v = fold(&[ev(1, 100, connected()), ev(2, 150, EventKind::Heartbeat)]);
+        assert_eq!(v.epoch, 1, "a heartbeat of a newer epoch does not bind");
+        assert_eq!(v.last_seen, Some(150));
+        let only = fold(&[ev(3, 10, EventKind::Heartbeat)]);
+        assert_eq!(
+            (only.epoch, only.conn_id, only.last_seen),
+            (0, None, Some(10))
+        );
+        let mut folded = v.clone();
+        folded.fold_seen(Some(120));
+        assert_eq!(folded, v, "an older seen score changes nothing");
+        folded.fold_seen(Some(170));
+        assert_eq!(folded.last_seen, Some(170));
+        folded.fold_seen(None);
+        assert_eq!(folded.last_seen, Some(170));
+    }
+
+    #[test]
     fn takeover_drop_does_not_penalise() {
         let v = fold(&[
             ev(1, 100, connected()),
@@ -497,6 +537,26 @@ mod tests {
                 shuffled.swap(i, (s >> 33) as usize % (i + 1));
             }
             prop_assert_eq!(fold(&shuffled), reference);
+        }
+
+        #[test]
+        fn heartbeats_kept_in_the_seen_set_fold_back_to_the_same_view(
+            events in arb_events(),
+            aside in prop::collection::vec(any::<bool>(), 1..31),
+        ) {
+            // The projector keeps some heartbeats out of the hash (in the
+            // seen set); hash + seen score must give the merge of all.
+            let mut v = SessionView::default();
+            let mut seen: Option<i64> = None;
+            for (i, e) in events.iter().enumerate() {
+                if matches!(e.kind, EventKind::Heartbeat) && aside[i % aside.len()] {
+                    seen = Some(seen.map_or(e.ts_ms, |s| s.max(e.ts_ms)));
+                } else {
+                    v.apply(e);
+                }
+            }
+            v.fold_seen(seen);
+            prop_assert_eq!(v, fold(&events));
         }
 
         #[test]

@@ -5,7 +5,7 @@
 //! is evaluated by one of them (the lease); if that one dies the device comes
 //! due again when the lease ends.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::metrics;
 use crate::projection::{Applied, Projection};
+use crate::script::parse_seen;
 
 /// Devices leased per shard per round.
 pub const DUE_LIMIT: usize = 512;
@@ -45,24 +46,20 @@ pub async fn round<C: redis::aio::ConnectionLike>(
                 .due_claim(s, shard, now_ms, lease_until, DUE_LIMIT),
         );
     }
-    let leased: Vec<Vec<String>> =
-        projection
-            .scripts()
-            .query(conn, &pipe)
-            .await
-            .and_then(|values| {
-                values
-                    .into_iter()
-                    .map(redis::FromRedisValue::from_redis_value)
-                    .collect::<Result<Vec<Vec<String>>, _>>()
-                    .map_err(redis::RedisError::from)
-            })?;
-    let more = leased.iter().any(|l| l.len() >= DUE_LIMIT);
-    let phys: BTreeSet<String> = leased.into_iter().flatten().collect();
-    let mut valid = Vec::with_capacity(phys.len());
-    for p in phys {
+    let replies = projection.scripts().query(conn, &pipe).await?;
+    let mut leased: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    let mut more = false;
+    for reply in replies {
+        let pairs = parse_seen(reply)?;
+        more |= pairs.len() >= DUE_LIMIT;
+        for (phy, seen) in pairs {
+            leased.insert(phy, seen);
+        }
+    }
+    let mut valid = Vec::with_capacity(leased.len());
+    for (p, seen) in leased {
         match PhyId::new(p.as_str()) {
-            Ok(id) => valid.push(id),
+            Ok(id) => valid.push((id, seen)),
             Err(e) => {
                 tracing::warn!(member = %p, error = %e, "invalid member in a due set; ignored")
             }

@@ -10,12 +10,17 @@
 //! revisions, lifecycle, due and known sets) is updated by a second function
 //! that accepts a state only if its revision is newer than the stored one.
 //! Every multi-key operation stays in one hash slot (the device's `{phy}` or
-//! the shard's `{n}`), except the heartbeat batch function, which merges
-//! several devices per call (one device per call on Redis Cluster).
+//! the shard's `{n}`), so it all works on Redis Cluster.
 //!
-//! Heartbeats, uplinks and ACKs take a fast path (max-merge of `last_seen`,
-//! lazy TTL refresh, the policy only when a stale view turns fresh); the rare
-//! binding events (connect, drop, disconnect) and ACK timeouts take the full
+//! Heartbeats take the cheapest path: one `ZADD GT` per shard and batch into
+//! the shard's seen set (`presence:seen:{n}`); only devices that are not
+//! online go on to their view (a heartbeat may bring them online). Readers
+//! take `last_seen` as the larger of the view's field and the seen score,
+//! and the due evaluation folds the score into the view (refreshing its TTL)
+//! before the view could expire. Uplinks and ACKs take a fast path
+//! (max-merge of `last_seen`, lazy TTL refresh, the policy only when a stale
+//! view turns fresh); the rare binding events (connect, drop, disconnect)
+//! and ACK timeouts take the full
 //! merge and always update the shard index. Time-based changes (heartbeat
 //! expiry, end of a penalty window, view expiry) are found through each
 //! shard's due set.

@@ -1,11 +1,11 @@
-//! Applying events to Redis: the device scripts, then everything outside
-//! the device's slot that follows from their records (the shard index, the
-//! connection key, the instance's connection set).
+//! Applying events to Redis: heartbeats into the shards' seen sets, the
+//! device scripts, then everything outside the device's slot that follows
+//! from their records (the shard index, the connection key, the instance's
+//! connection set).
 //!
-//! Two round trips per batch, each a pipeline: first every device script
-//! call, then the index scripts (one per shard) and the single-key
-//! follow-ups. Every step is idempotent, so a batch that failed half-way is
-//! simply applied again.
+//! Three round trips per batch, each a pipeline (see [`Projection::apply`]).
+//! Every step is idempotent, so a batch that failed half-way is simply
+//! applied again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,13 +17,15 @@ use redis::aio::ConnectionLike;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::script::{Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips};
+use crate::script::{
+    Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score, parse_seen,
+};
 use crate::settings::Settings;
 use crate::stream::event_in_range;
 
-/// Heartbeats per call of the heartbeat script: bounds the time one call
-/// holds Redis (about 2 µs each).
-pub const HEARTBEAT_CHUNK: usize = 64;
+/// Heartbeats per call of the seen function: bounds the time one call
+/// holds Redis (well under 1 µs each) and the size of its argument list.
+pub const SEEN_CHUNK: usize = 500;
 
 /// Index updates per call of the index script.
 const INDEX_CHUNK: usize = 256;
@@ -93,6 +95,14 @@ impl Projection {
     }
 
     /// Applies decoded entries at `now_ms`.
+    ///
+    /// Three pipelined round trips: (1) the heartbeats into the shards' seen
+    /// sets, and the seen scores of the devices with other events; (2) the
+    /// device function for every other event and for every heartbeating
+    /// device that was not online; (3) the index follow-ups. Heartbeats of
+    /// online devices end at (1). Within a batch the heartbeats are thus
+    /// merged before the other events, which the merge allows (it is
+    /// order-independent).
     pub async fn apply<C: ConnectionLike>(
         &self,
         conn: &mut C,
@@ -101,10 +111,11 @@ impl Projection {
         now_ms: i64,
     ) -> RedisResult<Applied> {
         let s = &*self.settings;
-        let mut pipe = redis::pipe();
-        let mut scripts = 0usize;
         let mut applied = Applied::default();
         let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+        // Heartbeats by (shard, redelivered), and the other events.
+        let mut beats: BTreeMap<(u16, bool), Vec<(&str, i64)>> = BTreeMap::new();
+        let mut events: Vec<(&Event, bool)> = Vec::new();
         for item in items {
             match &item.entry {
                 Entry::Event(ev) => {
@@ -114,47 +125,103 @@ impl Projection {
                             "event timestamp or epoch out of range; skipped");
                         continue;
                     }
-                    pipe.add_command(self.scripts.device_event(s, now_ms, ev, item.redelivered));
-                    scripts += 1;
                     *kinds.entry(ev.kind.name()).or_default() += 1;
+                    if matches!(ev.kind, iot_core::EventKind::Heartbeat) {
+                        beats
+                            .entry((shard_of(ev.phy_id.as_str(), s.shards), item.redelivered))
+                            .or_default()
+                            .push((ev.phy_id.as_str(), ev.ts_ms));
+                    } else {
+                        events.push((ev, item.redelivered));
+                    }
                 }
                 Entry::Heartbeats(batch) => {
-                    let beats: Vec<_> = batch
-                        .beats
-                        .iter()
-                        .filter(|b| {
-                            let ok = crate::stream::in_range(b.ts_ms, b.epoch);
-                            if !ok {
-                                applied.bad_events += 1;
-                            }
-                            ok
-                        })
-                        .collect();
-                    for chunk in beats.chunks(HEARTBEAT_CHUNK) {
-                        pipe.add_command(self.scripts.heartbeats(
-                            s,
-                            now_ms,
-                            &batch.server_id,
-                            chunk,
-                            item.redelivered,
-                        ));
-                        scripts += 1;
+                    let mut n = 0u64;
+                    for b in &batch.beats {
+                        if !crate::stream::in_range(b.ts_ms, b.epoch) {
+                            applied.bad_events += 1;
+                            continue;
+                        }
+                        n += 1;
+                        beats
+                            .entry((shard_of(b.phy_id.as_str(), s.shards), item.redelivered))
+                            .or_default()
+                            .push((b.phy_id.as_str(), b.ts_ms));
                     }
-                    *kinds.entry("heartbeat").or_default() += beats.len() as u64;
+                    *kinds.entry("heartbeat").or_default() += n;
                 }
             }
         }
-        if scripts == 0 {
+        if beats.is_empty() && events.is_empty() {
             return Ok(applied);
         }
+
+        // (1) Seen sets, then the seen scores of the other events' devices
+        // (after the ZADDs, so they include this batch's heartbeats).
+        let mut pipe = redis::pipe();
+        let mut seen_calls = 0usize;
+        for ((shard, force), list) in &beats {
+            for chunk in list.chunks(SEEN_CHUNK) {
+                pipe.add_command(self.scripts.seen(s, *shard, chunk, *force));
+                seen_calls += 1;
+            }
+        }
+        let mut event_shards: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+        for (ev, _) in &events {
+            event_shards
+                .entry(shard_of(ev.phy_id.as_str(), s.shards))
+                .or_default()
+                .push(ev.phy_id.as_str());
+        }
+        for (shard, phys) in &event_shards {
+            pipe.cmd("ZMSCORE").arg(s.keys.seen(*shard)).arg(phys);
+        }
         let replies = self.scripts.query(conn, &pipe).await?;
+        let mut replies = replies.into_iter();
+        // Devices that heartbeat and were not online: their newest beat.
+        let mut wake: BTreeMap<String, i64> = BTreeMap::new();
+        for reply in replies.by_ref().take(seen_calls) {
+            for (phy, score) in parse_seen(reply)? {
+                if let Some(score) = score {
+                    let e = wake.entry(phy).or_insert(score);
+                    *e = (*e).max(score);
+                }
+            }
+        }
+        let mut seen_of: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for ((_, phys), reply) in event_shards.iter().zip(replies.by_ref()) {
+            let scores: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
+            for (phy, score) in phys.iter().zip(scores) {
+                if let Some(t) = score.as_deref().and_then(parse_score) {
+                    seen_of.insert(phy, t);
+                }
+            }
+        }
+
+        // (2) The device function for the other events and the woken devices.
+        let mut pipe = redis::pipe();
+        for (ev, redelivered) in &events {
+            let seen = seen_of.get(ev.phy_id.as_str()).copied();
+            pipe.add_command(self.scripts.device_event(s, now_ms, ev, *redelivered, seen));
+        }
+        for (phy, seen) in &wake {
+            match PhyId::new(phy.as_str()) {
+                Ok(id) => {
+                    pipe.add_command(self.scripts.device_seen(s, now_ms, &id, *seen));
+                }
+                Err(e) => tracing::warn!(member = %phy, error = %e,
+                    "invalid member in a seen set; ignored"),
+            }
+        }
         let mut follow = Vec::new();
-        for reply in replies {
-            for outcome in Outcome::parse_all("device", reply)? {
-                follow.push(FollowUp {
-                    outcome,
-                    lease: false,
-                });
+        if !pipe.is_empty() {
+            for reply in self.scripts.query(conn, &pipe).await? {
+                for outcome in Outcome::parse_all("device", reply)? {
+                    follow.push(FollowUp {
+                        outcome,
+                        lease: false,
+                    });
+                }
             }
         }
         applied.flips = self.follow_up(conn, follow, lifecycle, now_ms).await?;
@@ -165,12 +232,13 @@ impl Projection {
         Ok(applied)
     }
 
-    /// Evaluates devices at `now_ms` (no event) and updates their index;
+    /// Evaluates devices at `now_ms` (no event), each after folding its
+    /// seen score (`None`: none) into its view, and updates their index;
     /// `lease`: remove the due loop's lease.
     pub async fn evaluate<C: ConnectionLike>(
         &self,
         conn: &mut C,
-        phys: &[PhyId],
+        phys: &[(PhyId, Option<i64>)],
         lease: bool,
         now_ms: i64,
     ) -> RedisResult<Applied> {
@@ -180,8 +248,8 @@ impl Projection {
         }
         let s = &*self.settings;
         let mut pipe = redis::pipe();
-        for phy in phys {
-            pipe.add_command(self.scripts.device_eval(s, now_ms, phy));
+        for (phy, seen) in phys {
+            pipe.add_command(self.scripts.device_eval(s, now_ms, phy, *seen));
         }
         let replies = self.scripts.query(conn, &pipe).await?;
         let mut follow = Vec::new();

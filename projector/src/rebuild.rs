@@ -166,6 +166,8 @@ pub async fn rebuild_with(
                 .del(s.keys.due(shard))
                 .ignore()
                 .del(s.keys.presence_rev(shard))
+                .ignore()
+                .del(s.keys.seen(shard))
                 .ignore();
         }
         pipe.query_async::<()>(conn).await?;

@@ -3,10 +3,11 @@
 //!
 //! - `device`: merges one event into a device's view, or evaluates the view
 //!   at `now` (keys: the view only, so it stays in the device's hash slot).
-//! - `heartbeats`: merges a batch of heartbeats, one view per key (several
-//!   slots: on Redis Cluster call it with one device per call).
+//! - `seen`: puts a shard's heartbeats into its seen set (one `ZADD GT`) and
+//!   names the devices among them that are not online (keys: the shard's
+//!   seen set and online index, one slot).
 //! - `index`: the shard-level projection (online index, revisions,
-//!   lifecycle, due, known), all keys in the shard's slot.
+//!   lifecycle, due, known, seen), all keys in the shard's slot.
 //! - `due`: leases the devices of a shard whose evaluation is due.
 //!
 //! A function library (Redis 7 `FUNCTION LOAD`, called with `FCALL`) rather
@@ -20,8 +21,7 @@
 //! [`iot_core::SessionView::apply`] and [`iot_core::Policy::evaluate`]; the
 //! crate's tests check them against each other.
 
-use iot_core::event::Heartbeat;
-use iot_core::{Event, EventKind, PhyId, ServerId};
+use iot_core::{Event, EventKind, PhyId};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
 
@@ -157,9 +157,17 @@ impl Scripts {
     }
 
     /// Merges `ev` into its device's view and evaluates the policy at
-    /// `now_ms`. `force`: return the full record even when a heartbeat-like
-    /// event changed nothing outside the view (redelivered entries).
-    pub fn device_event(&self, s: &Settings, now_ms: i64, ev: &Event, force: bool) -> Cmd {
+    /// `now_ms`. `force`: return the full record even when an uplink or ACK
+    /// changed nothing outside the view (redelivered entries). `seen`: the
+    /// device's score in its shard's seen set, folded into `last_seen`.
+    pub fn device_event(
+        &self,
+        s: &Settings,
+        now_ms: i64,
+        ev: &Event,
+        force: bool,
+        seen: Option<i64>,
+    ) -> Cmd {
         let mut cmd = self.fcall("device", &[s.keys.device(&ev.phy_id)]);
         Self::common(&mut cmd, s, now_ms);
         let reason = match &ev.kind {
@@ -174,15 +182,36 @@ impl Scripts {
             .arg(ev.server_id.as_str())
             .arg(ev.ts_ms)
             .arg(reason)
-            .arg(if force { "1" } else { "0" });
+            .arg(if force { "1" } else { "0" })
+            .arg(opt_ms(seen));
         cmd
     }
 
-    /// Evaluates a device's view at `now_ms` without an event.
-    pub fn device_eval(&self, s: &Settings, now_ms: i64, phy: &PhyId) -> Cmd {
+    /// Merges the newest heartbeat (`seen`, from the seen set) of a device
+    /// that was not online into its view (creating it if needed) and
+    /// evaluates the policy at `now_ms`; always returns the full record.
+    pub fn device_seen(&self, s: &Settings, now_ms: i64, phy: &PhyId, seen: i64) -> Cmd {
         let mut cmd = self.fcall("device", &[s.keys.device(phy)]);
         Self::common(&mut cmd, s, now_ms);
-        cmd.arg("eval").arg(phy.as_str());
+        cmd.arg("ev")
+            .arg(phy.as_str())
+            .arg("h")
+            .arg(0)
+            .arg("")
+            .arg("")
+            .arg(seen)
+            .arg("")
+            .arg("1")
+            .arg(seen);
+        cmd
+    }
+
+    /// Evaluates a device's view at `now_ms` without an event, after
+    /// folding its seen score into `last_seen`.
+    pub fn device_eval(&self, s: &Settings, now_ms: i64, phy: &PhyId, seen: Option<i64>) -> Cmd {
+        let mut cmd = self.fcall("device", &[s.keys.device(phy)]);
+        Self::common(&mut cmd, s, now_ms);
+        cmd.arg("eval").arg(phy.as_str()).arg(opt_ms(seen));
         cmd
     }
 
@@ -206,26 +235,15 @@ impl Scripts {
         cmd
     }
 
-    /// Merges heartbeats of one instance (each a different device). `force`:
-    /// return every device's record (for redelivered entries, whose index
-    /// update may have been lost).
-    pub fn heartbeats(
-        &self,
-        s: &Settings,
-        now_ms: i64,
-        server: &ServerId,
-        beats: &[&Heartbeat],
-        force: bool,
-    ) -> Cmd {
-        let keys: Vec<String> = beats.iter().map(|b| s.keys.device(&b.phy_id)).collect();
-        let mut cmd = self.fcall("heartbeats", &keys);
-        Self::common(&mut cmd, s, now_ms);
-        cmd.arg(server.as_str()).arg(if force { "1" } else { "0" });
-        for b in beats {
-            cmd.arg(b.phy_id.as_str())
-                .arg(b.conn_id.to_string())
-                .arg(b.epoch)
-                .arg(b.ts_ms);
+    /// Puts heartbeats (phyID, ms) of one shard's devices into its seen set;
+    /// the reply ([`parse_seen`]) names the devices that were not online
+    /// (every device with `force`, for redelivered entries) with their
+    /// seen score.
+    pub fn seen(&self, s: &Settings, shard: u16, beats: &[(&str, i64)], force: bool) -> Cmd {
+        let mut cmd = self.fcall("seen", &[s.keys.seen(shard), s.keys.online(shard)]);
+        cmd.arg(if force { "1" } else { "0" });
+        for (phy, ts) in beats {
+            cmd.arg(*phy).arg(*ts);
         }
         cmd
     }
@@ -239,6 +257,7 @@ impl Scripts {
             k.lifecycle(shard),
             k.due(shard),
             k.known(shard),
+            k.seen(shard),
         ];
         let mut cmd = self.fcall("index", &keys);
         // '' for no cap: the archiver trims.
@@ -259,10 +278,48 @@ impl Scripts {
         lease_until_ms: i64,
         limit: usize,
     ) -> Cmd {
-        let mut cmd = self.fcall("due", &[s.keys.due(shard)]);
+        let mut cmd = self.fcall("due", &[s.keys.due(shard), s.keys.seen(shard)]);
         cmd.arg(now_ms).arg(lease_until_ms).arg(limit);
         cmd
     }
+}
+
+fn opt_ms(v: Option<i64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Reads a seen score as Redis returns it (a double, written as an integer
+/// for whole milliseconds).
+pub fn parse_score(v: &str) -> Option<i64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.parse::<i64>().ok().or_else(|| {
+        v.parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(|f| f as i64)
+    })
+}
+
+/// Reads the (phyID, seen score) pairs of the `seen` and `due` functions;
+/// a device without a score has `None`.
+pub fn parse_seen(v: Value) -> RedisResult<Vec<(String, Option<i64>)>> {
+    let flat: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(v)?;
+    if flat.len() % 2 != 0 {
+        return Err(ReplyError {
+            script: "seen",
+            detail: format!("{} values, not pairs", flat.len()),
+        }
+        .into());
+    }
+    Ok(flat
+        .chunks(2)
+        .filter_map(|c| {
+            let phy = c[0].clone()?;
+            Some((phy, c[1].as_deref().and_then(parse_score)))
+        })
+        .collect())
 }
 
 /// Whether `e` says the library (or a script) is not loaded.

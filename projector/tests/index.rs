@@ -178,12 +178,16 @@ async fn due_leases_hand_a_device_to_one_evaluator_and_return_when_it_dies() {
     let claim = |now: i64| {
         let cmd = p.scripts().due_claim(s, shard, now, now + 5000, 10);
         let mut conn = shared.clone();
-        async move { cmd.query_async::<Vec<String>>(&mut conn).await.unwrap() }
+        async move {
+            let v: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+            projector::script::parse_seen(v).unwrap()
+        }
     };
-    assert_eq!(claim(200).await, vec!["dev-l"]);
+    assert_eq!(claim(200).await, vec![("dev-l".to_owned(), None)]);
     assert!(claim(300).await.is_empty(), "leased to the first evaluator");
-    // The evaluator died: the lease comes due.
-    assert_eq!(claim(5200).await, vec!["dev-l"]);
+    // The evaluator died: the lease comes due, with the device's seen score.
+    let _: () = conn.zadd(keys.seen(shard), "dev-l", t + 7).await.unwrap();
+    assert_eq!(claim(5200).await, vec![("dev-l".to_owned(), Some(t + 7))]);
     // This one finishes: the lease goes, the device is due at its next change.
     let (applied, more) = projector::due::round(&mut conn, &p, 10_400).await.unwrap();
     assert!(!more);
@@ -295,4 +299,108 @@ async fn scripts_lost_by_redis_are_loaded_again() {
         .await
         .unwrap();
     assert_eq!(online_set(&mut conn, &keys, SHARDS).await.len(), 2);
+}
+
+#[tokio::test]
+async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluation() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let d = "dev-s";
+    let shard = shard_of(d, SHARDS);
+    let h = p.settings().policy.heartbeat_timeout_ms;
+    let ttl = p.settings().ttl_ms;
+    let t = iot_core::time::now_ms();
+    let item = |entry| Item {
+        entry,
+        redelivered: false,
+    };
+    let hash_last_seen = |conn: &mut redis::aio::ConnectionManager| {
+        let mut conn = conn.clone();
+        let key = keys.device(&phy(d));
+        async move {
+            let v: Option<i64> = conn.hget(key, "last_seen").await.unwrap();
+            v
+        }
+    };
+
+    p.apply(
+        &mut conn,
+        &[item(Entry::Event(ev(d, 1, "s", t, connected())))],
+        Lifecycle::Emit,
+        t,
+    )
+    .await
+    .unwrap();
+    // Online: the heartbeat goes to the seen set only.
+    let applied = p
+        .apply(
+            &mut conn,
+            &[item(beats("s", &[(d, 1, t + 1000)]))],
+            Lifecycle::Emit,
+            t + 1000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.events, 1);
+    assert_eq!(
+        hash_last_seen(&mut conn).await,
+        Some(t),
+        "the view is not touched"
+    );
+    let seen: Option<i64> = conn.zscore(keys.seen(shard), d).await.unwrap();
+    assert_eq!(seen, Some(t + 1000));
+    assert_eq!(
+        view(&mut conn, &keys, d).await["last_seen"],
+        (t + 1000).to_string()
+    );
+    let _: () = conn.del(keys.conn(&conn_of(d, 1))).await.unwrap();
+    // As if the time had passed: the view's TTL has run down by half.
+    let _: () = conn.pexpire(keys.device(&phy(d)), ttl / 2).await.unwrap();
+
+    // At the view's own heartbeat expiry the due evaluation folds the seen
+    // score in: still online, the view's TTL and the connection key renewed.
+    let (applied, _) = projector::due::round(&mut conn, &p, t + h + 1)
+        .await
+        .unwrap();
+    assert_eq!(applied.evaluated, 1);
+    assert!(applied.flips.is_empty(), "{:?}", applied.flips);
+    assert_eq!(hash_last_seen(&mut conn).await, Some(t + 1000));
+    assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let pttl: i64 = conn.pttl(keys.device(&phy(d))).await.unwrap();
+    assert!(pttl > ttl - 60_000, "view TTL renewed: {pttl} of {ttl}");
+    let conn_key: Option<String> = conn.get(keys.conn(&conn_of(d, 1))).await.unwrap();
+    assert_eq!(conn_key.as_deref(), Some(d), "connection key renewed");
+
+    // Expired, then a heartbeat: not online, so it goes to the view.
+    let (applied, _) = projector::due::round(&mut conn, &p, t + 1000 + h + 1)
+        .await
+        .unwrap();
+    assert_eq!(applied.flips.len(), 1);
+    assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let back = t + 1000 + h + 10;
+    let applied = p
+        .apply(
+            &mut conn,
+            &[item(beats("s", &[(d, 1, back)]))],
+            Lifecycle::Emit,
+            back,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.flips.len(), 1);
+    assert!(applied.flips[0].online);
+    assert_eq!(applied.flips[0].reason, "recovered");
+    assert_eq!(hash_last_seen(&mut conn).await, Some(back));
+
+    // A view found gone leaves the seen set as well.
+    let _: () = conn.del(keys.device(&phy(d))).await.unwrap();
+    p.evaluate(&mut conn, &[(phy(d), Some(back))], false, back + 1)
+        .await
+        .unwrap();
+    assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let seen: Option<i64> = conn.zscore(keys.seen(shard), d).await.unwrap();
+    assert_eq!(seen, None);
 }

@@ -4,14 +4,18 @@
 //! A probe is one more MQTT device (its own connection, the project's
 //! codec). Every `interval` (at a random phase per probe) it sends a
 //! PINGREQ, notes the wall-clock millisecond just before, and then reads
-//! `last_seen` of its view (`HGET session:device:{phyID} last_seen`) every
-//! `poll` (backing off past 20 ms, see [`run`]) until the view covers the
-//! ping (`last_seen >= sent ms`: the ingest
+//! `last_seen` of its view every `poll` (backing off past 20 ms, see
+//! [`run`]) until the view covers the ping (`last_seen >= sent ms`: the
+//! ingest
 //! stamps the heartbeat when it reads the packet, on the same clock). The
 //! latency is the time from just before the send to the first read that
 //! saw it, so it overstates the truth by at most one poll interval plus one
 //! Redis round trip. Between pings the probe is silent, so no other
-//! heartbeat of the same device can satisfy the check.
+//! heartbeat of the same device can satisfy the check. `last_seen` is read
+//! as every reader of a view takes it: the larger of the view's field
+//! (`HGET session:device:{phyID} last_seen`) and the device's score in its
+//! shard's seen set (`ZSCORE presence:seen:{shard} phyID`), in one round
+//! trip.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +50,8 @@ pub struct ProbePlan {
     pub limit: Duration,
     /// How long the probes measure.
     pub duration: Duration,
+    /// The services' `streams.shards` (which seen set holds a probe).
+    pub shards: u16,
 }
 
 /// What the probes measured.
@@ -96,14 +102,20 @@ async fn connect(target: SocketAddr, phy: &str) -> anyhow::Result<TcpStream> {
 
 async fn last_seen(
     redis: &mut redis::aio::MultiplexedConnection,
-    key: &str,
+    keys: &(String, String),
+    phy: &str,
 ) -> anyhow::Result<Option<i64>> {
-    let v: Option<String> = redis::cmd("HGET")
-        .arg(key)
+    let (stored, seen): (Option<String>, Option<f64>) = redis::pipe()
+        .cmd("HGET")
+        .arg(&keys.0)
         .arg(iot_core::view::field::LAST_SEEN)
+        .cmd("ZSCORE")
+        .arg(&keys.1)
+        .arg(phy)
         .query_async(redis)
         .await?;
-    Ok(v.and_then(|s| s.parse().ok()))
+    let stored: Option<i64> = stored.and_then(|s| s.parse().ok());
+    Ok(stored.max(seen.filter(|t| t.is_finite()).map(|t| t as i64)))
 }
 
 /// The wait before the next read of the view: `poll` for the first 20 ms,
@@ -134,7 +146,11 @@ pub async fn run(
     let plan = Arc::new(plan.clone());
     for i in 0..plan.probes {
         let phy = format!("{}{i}", plan.prefix);
-        let key = keys.device(&PhyId::new(phy.as_str())?);
+        let id = PhyId::new(phy.as_str())?;
+        let key = (
+            keys.device(&id),
+            keys.seen(iot_core::keys::shard_of(id.as_str(), plan.shards.max(1))),
+        );
         let target = plan.targets[i as usize % plan.targets.len()];
         let mut redis = redis.clone();
         let plan = plan.clone();
@@ -143,7 +159,7 @@ pub async fn run(
             // Wait for the view of the connect itself.
             let seen = timeout(Duration::from_secs(30), async {
                 loop {
-                    if last_seen(&mut redis, &key).await?.is_some() {
+                    if last_seen(&mut redis, &key, &phy).await?.is_some() {
                         return anyhow::Ok(());
                     }
                     sleep(Duration::from_millis(20)).await;
@@ -172,7 +188,7 @@ pub async fn run(
                 let t0 = Instant::now();
                 stream.write_all(&PINGREQ_BYTES).await?;
                 loop {
-                    if last_seen(&mut redis, &key).await?.unwrap_or(0) >= sent_ms {
+                    if last_seen(&mut redis, &key, &phy).await?.unwrap_or(0) >= sent_ms {
                         h.record(t0.elapsed());
                         break;
                     }

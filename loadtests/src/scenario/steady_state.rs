@@ -324,6 +324,7 @@ pub async fn run(
             poll: args.probe_poll,
             limit: Duration::from_secs(5),
             duration: args.probe_duration,
+            shards: stack.shards(),
         };
         let probes = if args.probes > 0 {
             probe::run(&plan, stack.redis_conn().await?, &Keys::default()).await?

@@ -154,6 +154,17 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 impl Stack {
+    /// The services' `streams.shards` (from `IOT_STREAMS_SHARDS` when the
+    /// scenario or `--service-env` set it, else the default).
+    pub fn shards(&self) -> u16 {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "IOT_STREAMS_SHARDS")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| iot_core::config::StreamsConfig::default().shards)
+    }
+
     /// Starts Redis, then the projector and the api, then the ingests, and
     /// waits until each answers `/health`.
     pub async fn start(args: &StackArgs, plan: &StackPlan) -> anyhow::Result<Stack> {

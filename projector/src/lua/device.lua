@@ -1,17 +1,21 @@
 -- FN..'device': one device; keys[1] = its view (session:device:{phy}).
 --
 -- Arguments after the common ones:
---   'ev', phy, kind, epoch, conn, server, ts, tcp_down reason, force (1/0):
---        merge one event; returns its record (or nothing)
---   'eval', phy: evaluate the view at now (no event, no TTL refresh);
---        returns {phy, 'g'} when the view no longer exists
+--   'ev', phy, kind, epoch, conn, server, ts, tcp_down reason, force (1/0),
+--        seen: merge one event; returns its record (or nothing)
+--   'eval', phy, seen: evaluate the view at now (no event); returns
+--        {phy, 'g'} when the view no longer exists
 --   'policy', last_seen, last_tcp_down, last_tcp_down_reason, last_ack_timeout,
 --        disconnected (1/0): the policy alone (no key is touched), as
 --        {online, reason, score (%.17g), next change or ''}; for tests.
+-- seen: the device's score in its shard's seen set ('' for none), folded
+-- into last_seen first; when it moves last_seen, that counts as activity
+-- (the view's TTL is refreshed, and the connection key's by the caller).
 redis.register_function(FN .. 'device', function(keys, args)
   setup(args)
   local op = args[COMMON + 1]
   if op == 'ev' then
+    set_seen(args[COMMON + 10])
     local ev = {
       kind = args[COMMON + 3],
       epoch = args[COMMON + 4],
@@ -21,17 +25,22 @@ redis.register_function(FN .. 'device', function(keys, args)
       reason = args[COMMON + 8],
     }
     local k = ev.kind
-    if k == 'h' or k == 'u' or k == 'a' then
+    if k == 'u' or k == 'a' then
       return beat(keys[1], args[COMMON + 2], ev, args[COMMON + 9] == '1') or {}
     end
     return apply_event(keys[1], args[COMMON + 2], ev)
   elseif op == 'eval' then
     local phy = args[COMMON + 2]
+    set_seen(args[COMMON + 3])
     if redis.call('EXISTS', keys[1]) == 0 then
       return { phy, 'g' }
     end
     local s = load(keys[1])
-    return settle(keys[1], phy, s, writes(), '', false, false, nil, nil)
+    local w = writes()
+    local pttl = nil
+    local moved = fold_seen(s, w)
+    if moved then pttl = redis.call('PTTL', keys[1]) end
+    return settle(keys[1], phy, s, w, '', moved, false, nil, pttl)
   elseif op == 'policy' then
     local function opt(v)
       if v == nil or v == '' then return nil end

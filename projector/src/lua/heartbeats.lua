@@ -1,27 +1,41 @@
--- FN..'heartbeats': a batch of heartbeats of one instance; keys[i] = the
--- view of the i-th device (several hash slots: on Redis Cluster it must be
--- called with one device per call).
+-- FN..'seen': heartbeats of devices of one shard; keys = the shard's seen
+-- set and online index (both tagged {shard}, one hash slot).
 --
--- Arguments after the common ones: server, force (1: return every device's
--- record, for redelivered entries), then per heartbeat: phy, conn, epoch, ts.
--- Returns the records (flattened) of the devices that need work outside
--- their slot; see `beat`.
-redis.register_function(FN .. 'heartbeats', function(keys, args)
-  setup(args)
-  local server = args[COMMON + 1]
-  local force = args[COMMON + 2] == '1'
-  local out = {}
-  local n = 0
-  local i = COMMON + 3
-  while i + 3 <= #args do
-    n = n + 1
-    local rec = beat(keys[n], args[i], {
-      kind = 'h', epoch = args[i + 2], conn = args[i + 1], server = server, ts = args[i + 3],
-    }, force)
-    i = i + 4
-    if rec then
-      for _, v in ipairs(rec) do out[#out + 1] = v end
+-- Arguments: force (1: return every device, for redelivered entries), then
+-- phy, ts pairs.
+--
+-- One `ZADD GT` puts every heartbeat into the seen set (max-merge, so order
+-- and duplicates do not matter). A device in the online index needs nothing
+-- else: a heartbeat cannot change an online device's state, and the due
+-- evaluation folds the seen score into its view (and refreshes the view's
+-- TTL) before it could expire. The others (offline, or without a view) may
+-- come online: returns phy, seen score pairs for those, which the caller
+-- merges into their views with the device function.
+redis.register_function(FN .. 'seen', function(keys, args)
+  local force = args[1] == '1'
+  local zargs = {}
+  local phys = {}
+  for i = 2, #args - 1, 2 do
+    zargs[#zargs + 1] = args[i + 1]
+    zargs[#zargs + 1] = args[i]
+    phys[#phys + 1] = args[i]
+  end
+  if #phys == 0 then return {} end
+  redis.call('ZADD', keys[1], 'GT', unpack(zargs))
+  local want = phys
+  if not force then
+    local on = redis.call('ZMSCORE', keys[2], unpack(phys))
+    want = {}
+    for j, p in ipairs(phys) do
+      if not on[j] then want[#want + 1] = p end
     end
+    if #want == 0 then return {} end
+  end
+  local scores = redis.call('ZMSCORE', keys[1], unpack(want))
+  local out = {}
+  for j, p in ipairs(want) do
+    out[#out + 1] = p
+    out[#out + 1] = scores[j]
   end
   return out
 end)

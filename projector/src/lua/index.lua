@@ -1,5 +1,5 @@
 -- FN..'index': the shard-level projection of one event shard; every key is
--- tagged {shard}: keys = online, presence_rev, lifecycle, due, known.
+-- tagged {shard}: keys = online, presence_rev, lifecycle, due, known, seen.
 --
 -- Arguments: lifecycle maxlen ('' for no cap: the archiver trims), quiet (1: no lifecycle entries), then records of 10:
 --   op ('u' update, 'g' gone), phy, online (1/0), rev, lifecycle reason,
@@ -12,7 +12,8 @@
 -- the online membership flips: exactly once in effect under redelivery.
 -- The due time only ever moves earlier here (ZADD LT): an early evaluation is
 -- harmless, a late one is not. 'g' (the view expired; rev = the evaluation's
--- now) removes the device from every index unless a newer view was indexed.
+-- now) removes the device from every index and the seen set unless a newer
+-- view was indexed.
 -- Returns the flips: phy, online, reason, ...
 redis.register_function(FN .. 'index', function(keys, args)
   local maxlen = args[1]
@@ -69,6 +70,7 @@ redis.register_function(FN .. 'index', function(keys, args)
         redis.call('HDEL', keys[2], phy)
         redis.call('ZREM', keys[4], phy)
         redis.call('ZREM', keys[5], phy)
+        redis.call('ZREM', keys[6], phy)
       end
     end
     if lease == '1' then redis.call('ZREM', keys[4], 'L:' .. phy) end

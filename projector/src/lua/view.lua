@@ -20,6 +20,9 @@ local P = {}
 local TTL = 0
 local CONN_REFRESH = 0
 local COMMON = 10
+-- The device's score in its shard's seen set, passed by the caller (the
+-- set is in another hash slot), or nil; reset by setup.
+local SEEN = nil
 
 -- Reads the common arguments of one call.
 local function setup(args)
@@ -35,6 +38,12 @@ local function setup(args)
   }
   TTL = tonumber(args[9])
   CONN_REFRESH = tonumber(args[10])
+  SEEN = nil
+end
+
+-- Sets SEEN from an argument ('' for none).
+local function set_seen(v)
+  if v ~= nil and v ~= '' then SEEN = tonumber(v) else SEEN = nil end
 end
 
 -- Tie-break rank of how a connection ended (view::Ended::rank) and, for the
@@ -80,6 +89,15 @@ local function put(s, w, f, v)
   w.del[f] = nil
 end
 
+-- Raises last_seen to SEEN (SessionView::fold_seen); true when it moved.
+local function fold_seen(s, w)
+  if SEEN ~= nil and (s.last_seen == nil or SEEN > tonumber(s.last_seen)) then
+    put(s, w, 'last_seen', istr(SEEN))
+    return true
+  end
+  return false
+end
+
 local function drop(s, w, f)
   s[f] = nil
   w.set[f] = nil
@@ -116,6 +134,9 @@ local function merge(s, w, ev)
       put(s, w, 'last_ack_timeout', ev.ts)
     end
   end
+
+  -- Heartbeats never bind (SessionView::apply_parts).
+  if k == 'h' then return nil end
 
   local superseded = nil
   local ep = tonumber(ev.epoch)
@@ -315,19 +336,22 @@ end
 local function apply_event(key, phy, ev)
   local s = load(key)
   local w = writes()
+  fold_seen(s, w)
   local superseded = merge(s, w, ev)
   return settle(key, phy, s, w, ev.kind, true, true, superseded, nil)
 end
 
--- A heartbeat-like event (h heartbeat, u uplink, a ack): only last_seen
--- changes, unless the view is new or the event's epoch is higher than the
--- bound one (then it binds: the full merge). The common case costs an HMGET,
--- a PTTL and at most one HSET; the policy runs only when the event made a
--- stale view fresh, because with the same `now` nothing else such an event
--- does can change the state or its reason (a view without any sign of life
--- yet, whose reason is never_seen, takes the full path). Returns the record, a connection-key touch
--- record, or nil when nothing outside the slot needs doing. force: always
--- return the full record (redelivered entries).
+-- An uplink or an ACK (u, a): only last_seen changes, unless the view is
+-- new or the event's epoch is higher than the bound one (then it binds: the
+-- full merge). The common case costs an HMGET, a PTTL and at most one HSET;
+-- the policy runs only when the event made a stale view fresh, because with
+-- the same `now` nothing else such an event does can change the state or
+-- its reason (a view without any sign of life yet, whose reason is
+-- never_seen, takes the full path). last_seen also takes SEEN. Returns the
+-- record, a connection-key touch record, or nil when nothing outside the
+-- slot needs doing. force: always return the full record (redelivered
+-- entries). Heartbeats do not come here: the seen set takes those of
+-- online devices, the full merge the others.
 local function beat(key, phy, ev, force)
   local cur = redis.call('HMGET', key, 'epoch', 'last_seen', 'conn_id')
   -- No last_seen: a new view, or one without a sign of life yet (whose
@@ -336,10 +360,11 @@ local function beat(key, phy, ev, force)
     return apply_event(key, phy, ev)
   end
   local t = tonumber(ev.ts)
+  if SEEN ~= nil and SEEN > t then t = SEEN end
   local ls = tonumber(cur[2])
   local stale = not within(NOW, ls, P.hb)
   if t > ls then
-    redis.call('HSET', key, 'last_seen', ev.ts)
+    redis.call('HSET', key, 'last_seen', istr(t))
   end
   local pttl = redis.call('PTTL', key)
   local refresh = pttl < CONN_REFRESH

@@ -139,9 +139,67 @@ pub async fn inject(conn: &mut ConnectionManager, keys: &Keys, shards: u16, entr
     }
 }
 
-/// All fields of a device's view.
+/// All fields of a device's view, with `last_seen` raised to the device's
+/// score in the seen set (as every reader of a view does).
 pub async fn view(conn: &mut ConnectionManager, keys: &Keys, p: &str) -> HashMap<String, String> {
-    conn.hgetall(keys.device(&phy(p))).await.expect("hgetall")
+    let mut f: HashMap<String, String> = conn.hgetall(keys.device(&phy(p))).await.expect("hgetall");
+    fold_seen(conn, keys, p, &mut f).await;
+    f
+}
+
+/// Raises `last_seen` in `f` to the device's seen score (looked up in every
+/// shard's seen set: tests do not always know the shard count).
+pub async fn fold_seen(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    p: &str,
+    f: &mut HashMap<String, String>,
+) {
+    let sets = seen_sets(conn, keys).await;
+    fold_seen_in(conn, &sets, p, f).await;
+}
+
+/// Every shard's seen set under `keys`.
+pub async fn seen_sets(conn: &mut ConnectionManager, keys: &Keys) -> Vec<String> {
+    let pattern = keys.seen(0).replace("{0}", "{*}");
+    let mut sets: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await
+            .expect("scan");
+        sets.extend(batch);
+        if next == 0 {
+            return sets;
+        }
+        cursor = next;
+    }
+}
+
+async fn fold_seen_in(
+    conn: &mut ConnectionManager,
+    sets: &[String],
+    p: &str,
+    f: &mut HashMap<String, String>,
+) {
+    if f.is_empty() {
+        return;
+    }
+    for set in sets {
+        let score: Option<f64> = conn.zscore(set, p).await.expect("zscore");
+        if let Some(t) = score.map(|t| t as i64) {
+            let cur = f.get(field::LAST_SEEN).and_then(|v| v.parse::<i64>().ok());
+            if cur.is_none_or(|c| t > c) {
+                f.insert(field::LAST_SEEN.to_owned(), t.to_string());
+            }
+        }
+    }
 }
 
 /// The merge fields of a view, sorted.
@@ -165,10 +223,12 @@ pub async fn all_views(
             names.push(k.expect("key"));
         }
     }
+    let sets = seen_sets(conn, keys).await;
     let mut out = BTreeMap::new();
     for k in names {
-        let f: HashMap<String, String> = conn.hgetall(&k).await.expect("hgetall");
+        let mut f: HashMap<String, String> = conn.hgetall(&k).await.expect("hgetall");
         let p = f.get(field::PHY_ID).cloned().unwrap_or_default();
+        fold_seen_in(conn, &sets, &p, &mut f).await;
         out.insert(
             p,
             (
