@@ -167,8 +167,16 @@ impl Consumer {
             match read {
                 Ok(entries) => {
                     backoff.reset();
+                    let small = entries.len() < s.batch_size / 4;
                     if !entries.is_empty() {
                         self.process(entries, redelivered).await;
+                    }
+                    // Let a trickle accumulate: fewer, larger calls.
+                    if small && !redelivered && !s.linger.is_zero() {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(s.linger) => {}
+                        }
                     }
                 }
                 Err(e) => {

@@ -12,19 +12,17 @@ use std::sync::Arc;
 
 use iot_core::keys::shard_of;
 use iot_core::{Entry, Event, PhyId, ServerId};
-use redis::RedisResult;
 use redis::aio::ConnectionLike;
+use redis::{RedisResult, Value};
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::script::{
-    Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score, parse_seen,
-};
+use crate::script::{Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score};
 use crate::settings::Settings;
 use crate::stream::event_in_range;
 
-/// Heartbeats per call of the seen function: bounds the time one call
-/// holds Redis (well under 1 µs each) and the size of its argument list.
+/// Heartbeats per `ZADD` into a seen set: bounds the time one command
+/// holds Redis (well under 1 µs each).
 pub const SEEN_CHUNK: usize = 500;
 
 /// Index updates per call of the index script.
@@ -156,14 +154,33 @@ impl Projection {
             return Ok(applied);
         }
 
-        // (1) Seen sets, then the seen scores of the other events' devices
-        // (after the ZADDs, so they include this batch's heartbeats).
+        // (1) Seen sets (plain commands: a function call costs more than
+        // the work), whether those devices are online, then the seen scores
+        // of the other events' devices (after the ZADDs, so they include
+        // this batch's heartbeats).
         let mut pipe = redis::pipe();
-        let mut seen_calls = 0usize;
-        for ((shard, force), list) in &beats {
+        let mut asked: Vec<&[(&str, i64)]> = Vec::new();
+        // Devices that heartbeat and were not online: their newest beat.
+        let mut wake: BTreeMap<&str, i64> = BTreeMap::new();
+        for ((shard, redelivered), list) in &beats {
             for chunk in list.chunks(SEEN_CHUNK) {
-                pipe.add_command(self.scripts.seen(s, *shard, chunk, *force));
-                seen_calls += 1;
+                let zadd = pipe.cmd("ZADD").arg(s.keys.seen(*shard)).arg("GT");
+                for (phy, ts) in chunk {
+                    zadd.arg(*ts).arg(*phy);
+                }
+                zadd.ignore();
+                if *redelivered {
+                    // Their index update may have been lost: merge them all.
+                    for (phy, ts) in chunk {
+                        let e = wake.entry(phy).or_insert(*ts);
+                        *e = (*e).max(*ts);
+                    }
+                } else {
+                    pipe.cmd("ZMSCORE")
+                        .arg(s.keys.online(*shard))
+                        .arg(chunk.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+                    asked.push(chunk);
+                }
             }
         }
         let mut event_shards: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
@@ -176,15 +193,14 @@ impl Projection {
         for (shard, phys) in &event_shards {
             pipe.cmd("ZMSCORE").arg(s.keys.seen(*shard)).arg(phys);
         }
-        let replies = self.scripts.query(conn, &pipe).await?;
+        let replies = pipe.query_async::<Vec<Value>>(conn).await?;
         let mut replies = replies.into_iter();
-        // Devices that heartbeat and were not online: their newest beat.
-        let mut wake: BTreeMap<String, i64> = BTreeMap::new();
-        for reply in replies.by_ref().take(seen_calls) {
-            for (phy, score) in parse_seen(reply)? {
-                if let Some(score) = score {
-                    let e = wake.entry(phy).or_insert(score);
-                    *e = (*e).max(score);
+        for (chunk, reply) in asked.iter().zip(replies.by_ref()) {
+            let online: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
+            for ((phy, ts), on) in chunk.iter().zip(online) {
+                if on.is_none() {
+                    let e = wake.entry(phy).or_insert(*ts);
+                    *e = (*e).max(*ts);
                 }
             }
         }
@@ -205,12 +221,12 @@ impl Projection {
             pipe.add_command(self.scripts.device_event(s, now_ms, ev, *redelivered, seen));
         }
         for (phy, seen) in &wake {
-            match PhyId::new(phy.as_str()) {
+            match PhyId::new(*phy) {
                 Ok(id) => {
                     pipe.add_command(self.scripts.device_seen(s, now_ms, &id, *seen));
                 }
-                Err(e) => tracing::warn!(member = %phy, error = %e,
-                    "invalid member in a seen set; ignored"),
+                Err(e) => tracing::warn!(phy = %phy, error = %e,
+                    "invalid phyID in a heartbeat; ignored"),
             }
         }
         let mut follow = Vec::new();

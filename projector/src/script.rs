@@ -3,9 +3,6 @@
 //!
 //! - `device`: merges one event into a device's view, or evaluates the view
 //!   at `now` (keys: the view only, so it stays in the device's hash slot).
-//! - `seen`: puts a shard's heartbeats into its seen set (one `ZADD GT`) and
-//!   names the devices among them that are not online (keys: the shard's
-//!   seen set and online index, one slot).
 //! - `index`: the shard-level projection (online index, revisions,
 //!   lifecycle, due, known, seen), all keys in the shard's slot.
 //! - `due`: leases the devices of a shard whose evaluation is due.
@@ -27,10 +24,9 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErr
 
 use crate::settings::Settings;
 
-const LUA_FILES: [&str; 5] = [
+const LUA_FILES: [&str; 4] = [
     include_str!("lua/view.lua"),
     include_str!("lua/device.lua"),
-    include_str!("lua/heartbeats.lua"),
     include_str!("lua/index.lua"),
     include_str!("lua/due.lua"),
 ];
@@ -235,19 +231,6 @@ impl Scripts {
         cmd
     }
 
-    /// Puts heartbeats (phyID, ms) of one shard's devices into its seen set;
-    /// the reply ([`parse_seen`]) names the devices that were not online
-    /// (every device with `force`, for redelivered entries) with their
-    /// seen score.
-    pub fn seen(&self, s: &Settings, shard: u16, beats: &[(&str, i64)], force: bool) -> Cmd {
-        let mut cmd = self.fcall("seen", &[s.keys.seen(shard), s.keys.online(shard)]);
-        cmd.arg(if force { "1" } else { "0" });
-        for (phy, ts) in beats {
-            cmd.arg(*phy).arg(*ts);
-        }
-        cmd
-    }
-
     /// Applies index updates to one shard.
     pub fn index(&self, s: &Settings, shard: u16, quiet: bool, updates: &[IndexUpdate]) -> Cmd {
         let k = &s.keys;
@@ -302,13 +285,13 @@ pub fn parse_score(v: &str) -> Option<i64> {
     })
 }
 
-/// Reads the (phyID, seen score) pairs of the `seen` and `due` functions;
-/// a device without a score has `None`.
+/// Reads the (phyID, seen score) pairs of the `due` function; a device
+/// without a score has `None`.
 pub fn parse_seen(v: Value) -> RedisResult<Vec<(String, Option<i64>)>> {
     let flat: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(v)?;
     if flat.len() % 2 != 0 {
         return Err(ReplyError {
-            script: "seen",
+            script: "due",
             detail: format!("{} values, not pairs", flat.len()),
         }
         .into());

@@ -37,6 +37,8 @@ pub struct Settings {
     pub claim_interval: Duration,
     /// How often due devices are evaluated.
     pub due_interval: Duration,
+    /// Wait after a small read (see `projector.linger`).
+    pub linger: Duration,
     /// How often lapsed ingests are looked for.
     pub reaper_interval: Duration,
     /// How often the lag is published.
@@ -71,6 +73,7 @@ impl Settings {
             consumer,
             batch_size: (p.batch_size as usize).max(1),
             block: p.block,
+            linger: p.linger,
             claim_idle: p.claim_idle,
             claim_interval: p.claim_interval.max(Duration::from_millis(10)),
             due_interval: p.due_interval.max(Duration::from_millis(10)),

@@ -380,6 +380,9 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
         .unwrap();
     assert_eq!(applied.flips.len(), 1);
     assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    // A heartbeat could have raced the evaluation: it is looked at again.
+    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
+    assert_eq!(due, Some((t + 1000 + h + 1) as f64));
     let back = t + 1000 + h + 10;
     let applied = p
         .apply(

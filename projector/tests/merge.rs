@@ -13,7 +13,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use common::*;
 use iot_core::event::{Heartbeat, HeartbeatBatch};
@@ -28,26 +28,22 @@ const T0: i64 = 1_000_000;
 const NOW: i64 = T0 + 40_000;
 const DEVICES: [&str; 3] = ["dev-a", "dev-b", "dev-c"];
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    _redis: RedisServer,
-    url: String,
+thread_local! {
+    // One server per test thread (proptest runs a test's cases on its
+    // thread), stopped when the thread ends: a static would never be
+    // dropped and would leave the process behind.
+    static REDIS: RedisServer = RedisServer::start();
 }
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let redis = RedisServer::start();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        Env {
-            rt,
-            url: redis.url(),
-            _redis: redis,
-        }
-    })
+fn url() -> String {
+    REDIS.with(RedisServer::url)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn policy() -> Policy {
@@ -63,7 +59,7 @@ fn policy() -> Policy {
 }
 
 fn projection(prefix: &str, policy: Policy) -> Projection {
-    let config = config(&env().url, prefix, 4);
+    let config = config(&url(), prefix, 4);
     let mut settings = Settings::from_config(&config, &srv("test"));
     settings.policy = policy;
     Projection::new(Arc::new(settings))
@@ -191,7 +187,7 @@ proptest! {
         batch_b in 1usize..40,
         redelivered in any::<bool>(),
     ) {
-        let e = env();
+        let (rt, url) = (rt(), url());
         let (pa, pb) = (unique_prefix(), unique_prefix());
         let (proj_a, proj_b) = (projection(&pa, policy()), projection(&pb, policy()));
         let mut a = events.clone();
@@ -204,8 +200,8 @@ proptest! {
         }
         shuffle(&mut a, seed_a);
         shuffle(&mut b, seed_b);
-        let (sa, sb) = e.rt.block_on(async {
-            let mut conn = connect(&e.url).await;
+        let (sa, sb) = rt.block_on(async {
+            let mut conn = connect(&url).await;
             apply_all(&mut conn, &proj_a, pack(&a), batch_a, redelivered).await;
             apply_all(&mut conn, &proj_b, pack(&b), batch_b, false).await;
             (
@@ -254,7 +250,7 @@ proptest! {
         th in -0.2f64..1.2,
         enabled in any::<bool>(),
     ) {
-        let e = env();
+        let (rt, url) = (rt(), url());
         let p = Policy { enabled, heartbeat_timeout_ms: hb, tcp_down_window_ms: tw, ack_window_ms: aw,
                          tcp_down_penalty: p1, ack_timeout_penalty: p2, threshold: th };
         let input = PolicyInput {
@@ -265,8 +261,8 @@ proptest! {
             disconnected,
         };
         let proj = projection("policy:", p);
-        let got: Vec<String> = e.rt.block_on(async {
-            let mut conn = connect(&e.url).await;
+        let got: Vec<String> = rt.block_on(async {
+            let mut conn = connect(&url).await;
             proj.scripts().load(&mut conn).await.expect("load");
             proj.scripts()
                 .device_policy(proj.settings(), "policy:x", &input, now)
@@ -288,7 +284,7 @@ proptest! {
 fn seed_example_through_the_script() {
     // Heartbeat, TCP drop and ACK timeout at t: offline at t+10 s (score
     // 0.2), online again at t+2 min while the heartbeat is fresh.
-    let e = env();
+    let (rt, url) = (rt(), url());
     let p = Policy::default();
     let t = 1_700_000_000_000;
     let input = PolicyInput {
@@ -300,8 +296,8 @@ fn seed_example_through_the_script() {
     };
     let proj = projection("seed:", p);
     let ask = |now: i64| -> Vec<String> {
-        e.rt.block_on(async {
-            let mut conn = connect(&e.url).await;
+        rt.block_on(async {
+            let mut conn = connect(&url).await;
             proj.scripts().load(&mut conn).await.expect("load");
             proj.scripts()
                 .device_policy(proj.settings(), "seed:x", &input, now)

@@ -46,6 +46,12 @@ redis.register_function(FN .. 'index', function(keys, args)
           flip = true
         end
         if flip then
+          if on == '0' and lc == 'heartbeat_expired' and redis.call('ZSCORE', keys[6], phy) then
+            -- A heartbeat may have reached the seen set after the evaluation
+            -- read it and found the device online: look again at once (the
+            -- next due round folds the newest score in).
+            redis.call('ZADD', keys[4], 'LT', at, phy)
+          end
           if not quiet then
             lifecycle('phy_id', phy, 'online', on, 'reason', lc, 'at_ms', at, 'epoch', epoch, 'rev', rev)
           end
