@@ -227,7 +227,23 @@ async fn presence_follows_connect_heartbeat_expiry_tcp_drop_and_ack_timeout() {
         .await;
     assert_eq!(d["connected"], true);
     assert_eq!(d["server_id"], stack.ingest_id);
-    assert_eq!(d["epoch"], 1);
+    let epoch = d["epoch"].as_u64().expect("epoch");
+    let mut conn = stack.api.conn().await;
+    let owner: String = redis::cmd("GET")
+        .arg(
+            stack
+                .api
+                .keys
+                .owner(&iot_core::PhyId::new("e2e-pinger").expect("valid")),
+        )
+        .query_async(&mut conn)
+        .await
+        .expect("owner key");
+    assert_eq!(
+        owner,
+        format!("{} {epoch}", stack.ingest_id),
+        "the connection's own epoch"
+    );
     assert!(d["conn_id"].as_str().is_some());
     assert!(d["connected_at"].as_str().is_some());
     assert!(d["lag"]["entries"].as_u64().is_some(), "{d}");

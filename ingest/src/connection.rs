@@ -98,7 +98,7 @@ impl Conn {
             phy_id: self.phy.clone(),
             conn_id: self.handle.conn_id,
             server_id: inst.server_id.clone(),
-            epoch: self.handle.epoch,
+            epoch: self.handle.epoch(),
             ts_ms: iot_core::time::now_ms(),
             kind,
         }
@@ -119,7 +119,7 @@ impl Conn {
         Heartbeat {
             phy_id: self.phy.clone(),
             conn_id: self.handle.conn_id,
-            epoch: self.handle.epoch,
+            epoch: self.handle.epoch(),
             ts_ms: iot_core::time::now_ms(),
         }
     }
@@ -380,12 +380,22 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
         // mailbox, the downlink timer and the oldest pending write directly
         // keeps the task small.
         let can_read = busy.acks_len() < MAX_PENDING_ACKS;
+        // Not reading is our doing (the QoS 1 uplinks wait for Redis), not
+        // the device's silence: the keepalive clock waits too.
+        if !can_read {
+            est.conn.handle.pause_silence();
+        } else if est.conn.handle.is_paused() {
+            est.conn.handle.touch(inst.registry.now_ms());
+        }
         let wake = std::future::poll_fn(|cx| {
             if let Poll::Ready(reason) = est.conn.handle.poll_closed(cx) {
                 return Poll::Ready(Wake::Close(reason));
             }
             // Checked after `poll_closed` registered the waker: a post
             // after this check wakes the task.
+            if est.conn.handle.has_announcement() {
+                return Poll::Ready(Wake::Announce);
+            }
             if est.conn.handle.has_mail() {
                 return Poll::Ready(Wake::Downlink);
             }
@@ -405,6 +415,10 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
         .await;
         match wake {
             Wake::Close(reason) => break End::Down(reason),
+            Wake::Announce => {
+                // Boxed like `process`: not part of the idle state.
+                Box::pin(announce(&inst, &est.conn, &stream).instrument(est.conn.span())).await;
+            }
             Wake::Downlink => {
                 // Boxed like `process`: not part of the idle state.
                 let step = downlinks(
@@ -478,13 +492,31 @@ async fn connection<P: DeviceProtocol>(inst: Arc<Instance>, proto: P, mut stream
             crate::metrics::disconnected(label);
             tracing::info!(
                 reason = label,
-                epoch = est.conn.handle.epoch,
+                epoch = est.conn.handle.epoch(),
                 "device connection closed"
             );
         }
         .instrument(span),
     )
     .await;
+}
+
+/// Takes the new epoch waiting on the connection's handle and announces the
+/// session again with a `connected` event of that epoch ([`crate::rebind`]).
+async fn announce(inst: &Instance, conn: &Conn, stream: &TcpStream) {
+    let Some(epoch) = conn.handle.take_announcement() else {
+        return;
+    };
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let connected = EventKind::Connected {
+        keepalive_secs: conn.handle.keepalive_secs(),
+        peer,
+    };
+    inst.writer.event(conn.event(inst, connected)).await;
+    tracing::info!(epoch, "session announced again with a new epoch");
 }
 
 /// A connection's place under the connection limit, taken by the accept
@@ -593,6 +625,8 @@ impl Busy {
 enum Wake {
     /// A close was asked (takeover, shutdown).
     Close(TcpDownReason),
+    /// The session is to be announced again with a new epoch.
+    Announce,
     /// Mail arrived or the downlink timer fired.
     Downlink,
     /// The oldest pending QoS 1 uplink was written (true) or dropped.
@@ -632,7 +666,7 @@ async fn process<P: DeviceProtocol>(
             Ok(Some(Inbound::Subscribed)) => {
                 alive = true;
                 inst.reporter
-                    .report(&conn.phy, conn.handle.epoch, Report::Drain);
+                    .report(&conn.phy, conn.handle.epoch(), Report::Drain);
             }
             Ok(Some(Inbound::Uplink {
                 topic,
@@ -715,7 +749,7 @@ async fn downlinks<P: DeviceProtocol>(
             Mail::Drain(name) => {
                 if proto.listens(session, name.as_deref()) {
                     inst.reporter
-                        .report(&conn.phy, conn.handle.epoch, Report::Drain);
+                        .report(&conn.phy, conn.handle.epoch(), Report::Drain);
                 }
             }
         }
@@ -768,7 +802,7 @@ async fn apply<P: DeviceProtocol>(
             }
             Effect::Report(report) => {
                 count_outcome(&report);
-                inst.reporter.report(&conn.phy, conn.handle.epoch, report);
+                inst.reporter.report(&conn.phy, conn.handle.epoch(), report);
             }
             Effect::Event(kind) => {
                 inst.writer.event(conn.event(inst, kind)).await;
@@ -829,7 +863,7 @@ fn close_downlinks(
     }
     for report in reports {
         count_outcome(&report);
-        inst.reporter.report(&conn.phy, conn.handle.epoch, report);
+        inst.reporter.report(&conn.phy, conn.handle.epoch(), report);
     }
 }
 

@@ -132,7 +132,7 @@ pub fn handle(registry: &Registry, reporter: &ReporterHandle, payload: &[u8]) {
             let (phy, epoch, id) = (d.phy_id.clone(), d.epoch, d.id);
             // The connection it was routed to, or a newer one of the device
             // (it reconnected here meanwhile).
-            let posted = match registry.get(&phy).filter(|c| c.epoch >= epoch) {
+            let posted = match registry.get(&phy).filter(|c| c.epoch() >= epoch) {
                 Some(conn) => conn.post(Mail::Deliver(Delivery::dispatched(d))).is_ok(),
                 None => false,
             };

@@ -49,6 +49,7 @@ pub mod limits;
 pub mod liveness;
 pub mod metrics;
 pub mod protocol;
+pub mod rebind;
 pub mod registry;
 pub mod reporter;
 pub mod server;
@@ -174,16 +175,24 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
         mqtt.local_addr()?.to_string(),
         http.local_addr()?.to_string(),
     ));
-    if let Err(e) = liveness.beat(&ctx.redis, "running", 0).await {
-        tracing::warn!(error = %e, "first liveness beat failed; retrying in the background");
-    }
+    let started = match liveness.beat(&ctx.redis, "running", 0).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "first liveness beat failed; retrying in the background");
+            false
+        }
+    };
+    let lapsed = Arc::new(tokio::sync::Notify::new());
     let liveness_task = liveness.clone().spawn(
         ctx.redis.clone(),
         ctx.health.clone(),
         registry.clone(),
         connections.clone(),
+        started,
+        lapsed.clone(),
         background.clone(),
     );
+    let rebind_task = rebind::spawn(inst.clone(), lapsed, background.clone());
     let renewer = takeover.spawn_renewer(ctx.redis.clone(), registry.clone(), background.clone());
     let keepalive = registry.clone().spawn_keepalive(background.clone());
     let mut registry_tasks = Vec::new();
@@ -264,7 +273,7 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
     writer_control.finish(deadline - cleanup_reserve).await;
     // No beat may land after the keys are removed.
     background.cancel();
-    let tasks = [control_task, liveness_task, renewer, keepalive]
+    let tasks = [control_task, liveness_task, rebind_task, renewer, keepalive]
         .into_iter()
         .chain(registry_tasks);
     for task in tasks {

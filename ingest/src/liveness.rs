@@ -5,6 +5,11 @@
 //! <InstanceInfo JSON>`. When the key lapses (a crash), projectors mark the
 //! instance's sessions `tcp_down(server_lost)`. A graceful shutdown removes
 //! all three and the instance's connection set.
+//!
+//! Each beat also asks whether the key was still there. If it was gone
+//! although an earlier beat had set it, the instance's sessions may have been
+//! reaped or lost with Redis's data: the beat loop then wakes
+//! [`crate::rebind`], which announces them again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +18,7 @@ use std::time::Duration;
 use iot_core::registry::InstanceInfo;
 use iot_core::{Keys, ServerId};
 use iot_service::{Health, RedisPool, Status};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
@@ -61,13 +67,14 @@ impl Liveness {
         self.ttl / 3
     }
 
-    /// Refreshes the liveness key, the beat and the registry record.
+    /// Refreshes the liveness key, the beat and the registry record; returns
+    /// whether the liveness key was still there.
     pub async fn beat(
         &self,
         redis: &RedisPool,
         status: &str,
         connections: u64,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<bool> {
         let now = iot_core::time::now_ms();
         let mut info = self.base.clone();
         info.last_beat_ms = now;
@@ -76,7 +83,9 @@ impl Liveness {
         let json = serde_json::to_string(&info).unwrap_or_default();
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let mut conn = redis.get();
-        redis::pipe()
+        let (existed,): (bool,) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(self.keys.liveness(&self.server_id))
             .cmd("SET")
             .arg(self.keys.liveness(&self.server_id))
             .arg(now)
@@ -93,8 +102,9 @@ impl Liveness {
             .arg(self.server_id.as_str())
             .arg(json)
             .ignore()
-            .query_async::<()>(&mut conn)
-            .await
+            .query_async(&mut conn)
+            .await?;
+        Ok(existed)
     }
 
     /// Removes the instance: liveness key, connection set, beat and record.
@@ -119,19 +129,28 @@ impl Liveness {
             .await
     }
 
-    /// Beats every [`interval`](Self::interval) until `shutdown`.
+    /// Beats every [`interval`](Self::interval) until `shutdown`;
+    /// `started`: an earlier beat set the key. Notifies `lapsed` when a beat
+    /// finds the key gone although an earlier one had set it.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the shared handles of the instance, each used as is"
+    )]
     pub fn spawn(
         self: Arc<Self>,
         redis: RedisPool,
         health: Health,
         registry: Arc<Registry>,
         connections: Arc<AtomicU64>,
+        started: bool,
+        lapsed: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(self.interval());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            let mut beaten = started;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -141,11 +160,20 @@ impl Liveness {
                 let n = connections.load(Ordering::Relaxed);
                 let beat = tokio::time::timeout(self.interval(), self.beat(&redis, status, n));
                 match beat.await {
-                    Ok(Ok(())) => {
+                    Ok(Ok(existed)) => {
                         if failing {
                             tracing::info!("liveness beats reach Redis again");
                             failing = false;
                         }
+                        if beaten && !existed {
+                            crate::metrics::liveness_lapsed();
+                            tracing::warn!(
+                                connections = n,
+                                "the liveness key had lapsed (this instance was cut off from Redis for longer than session.liveness_ttl, or Redis lost its data): announcing its sessions again"
+                            );
+                            lapsed.notify_one();
+                        }
+                        beaten = true;
                     }
                     Ok(Err(e)) => {
                         crate::metrics::redis_error("liveness");

@@ -57,6 +57,13 @@ pub const AUTH_CACHE: &str = "iot_ingest_auth_cache_total";
 /// Counter: connections closed because their device was disabled or deleted.
 pub const AUTH_REVOKED: &str = "iot_ingest_auth_revoked_total";
 
+/// Counter: liveness beats that found the instance's key gone (reaped, or
+/// Redis lost its data), each followed by a re-announcement.
+pub const LIVENESS_LAPSES: &str = "iot_ingest_liveness_lapses_total";
+/// Counter by `result` (`renewed`, `superseded`): connections re-announced
+/// with a new epoch, or closed because a newer connection held the device.
+pub const REANNOUNCED: &str = "iot_ingest_reannounced_sessions_total";
+
 /// Registers help text and units with the recorder. Safe to call repeatedly.
 pub fn describe() {
     describe_gauge!(CONNECTIONS, "Device connections held by this instance");
@@ -94,7 +101,7 @@ pub fn describe() {
     );
     describe_counter!(
         TAKEOVERS,
-        "Connections closed because a newer CONNECT took the session over, by scope"
+        "Connections closed because a newer CONNECT took the session over, by scope (local, remote, rebind)"
     );
     describe_gauge!(CONNECTION_LIMIT, "The device connection limit in force");
     describe_counter!(
@@ -142,7 +149,26 @@ pub fn describe() {
         AUTH_REVOKED,
         "Connections closed because their device was disabled or deleted"
     );
+    describe_counter!(
+        LIVENESS_LAPSES,
+        "Liveness beats that found the instance's key gone (it was cut off from Redis for longer than the liveness TTL, or Redis lost its data)"
+    );
+    describe_counter!(
+        REANNOUNCED,
+        "Sessions re-announced after a liveness lapse, by result (renewed: new epoch and connected event; superseded: closed, the device connected elsewhere)"
+    );
     iot_downlink::metrics::describe();
+}
+
+/// A liveness beat found the key gone.
+pub fn liveness_lapsed() {
+    counter!(LIVENESS_LAPSES).increment(1);
+}
+
+/// Counts a re-announcement's connections.
+pub fn rebound(renewed: usize, superseded: usize) {
+    counter!(REANNOUNCED, "result" => "renewed").increment(renewed as u64);
+    counter!(REANNOUNCED, "result" => "superseded").increment(superseded as u64);
 }
 
 /// Counts a downlink PUBLISH (`first` or `retransmit`).

@@ -34,17 +34,27 @@ use crate::downlink::Mail;
 /// How long a kick without a matching connection is remembered.
 const KICK_MEMORY: Duration = Duration::from_secs(30);
 
+/// `last_seen_ms` of a connection that does not read for now: never silent.
+const PAUSED: u64 = u64::MAX;
+
 /// The part of a connection other tasks can reach: who it is and a way to
 /// ask it to close. Small on purpose: one per connection.
 #[derive(Debug)]
 pub struct ConnHandle {
     /// The connection id.
     pub conn_id: Uuid,
-    /// The connection's epoch.
-    pub epoch: u64,
+    /// The connection's epoch: taken at CONNECT, raised when the session is
+    /// re-announced ([`crate::rebind`]); stamped on every event.
+    epoch: AtomicU64,
+    /// A new epoch for the connection task to take and announce with a
+    /// `connected` event (0: none).
+    announce: AtomicU64,
     /// Silence after which the connection is closed (1.5 x keepalive), ms.
     silence_ms: u64,
-    /// When the device last sent anything, in [`Registry::now_ms`] units.
+    /// When the device last sent anything, in [`Registry::now_ms`] units;
+    /// [`PAUSED`] while the connection does not read (it waits for its
+    /// QoS 1 uplinks to be written), so that our own back-pressure is not
+    /// taken for the device's silence.
     last_seen_ms: AtomicU64,
     /// 0: open; otherwise 1 + the index of the close reason in
     /// [`TcpDownReason::ALL`].
@@ -78,7 +88,8 @@ impl ConnHandle {
     pub fn new(conn_id: Uuid, epoch: u64, silence: Duration, now_ms: u64) -> Arc<Self> {
         Arc::new(Self {
             conn_id,
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            announce: AtomicU64::new(0),
             silence_ms: u64::try_from(silence.as_millis()).unwrap_or(u64::MAX),
             last_seen_ms: AtomicU64::new(now_ms),
             close: AtomicU8::new(0),
@@ -149,14 +160,59 @@ impl ConnHandle {
         }
     }
 
+    /// The connection's epoch (stamped on its events).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The keepalive this connection is held to, in seconds (the silence
+    /// allowance is 1.5 times it).
+    pub fn keepalive_secs(&self) -> u16 {
+        u16::try_from(self.silence_ms.saturating_mul(2) / 3 / 1000).unwrap_or(u16::MAX)
+    }
+
+    /// Asks the connection task to take `epoch` (if higher than its own) and
+    /// announce the session again with a `connected` event; the task does
+    /// both, so the announcement is ordered with the connection's own
+    /// events (none is written for a connection that has ended).
+    pub fn announce(&self, epoch: u64) {
+        self.announce.fetch_max(epoch, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Whether an announcement waits (see [`announce`](Self::announce)).
+    pub fn has_announcement(&self) -> bool {
+        self.announce.load(Ordering::Acquire) > self.epoch()
+    }
+
+    /// Takes a waiting announcement: the connection now has the new epoch,
+    /// which is returned (`None`: none waits, or it is not higher).
+    pub fn take_announcement(&self) -> Option<u64> {
+        let next = self.announce.swap(0, Ordering::AcqRel);
+        let prev = self.epoch.fetch_max(next, Ordering::AcqRel);
+        (next > prev).then_some(next)
+    }
+
     /// The device sent something at `now_ms` ([`Registry::now_ms`]).
     pub fn touch(&self, now_ms: u64) {
         self.last_seen_ms.store(now_ms, Ordering::Relaxed);
     }
 
+    /// The connection stops reading for now (it waits for its own writes):
+    /// the keepalive sweep leaves it alone until the next [`touch`](Self::touch).
+    pub fn pause_silence(&self) {
+        self.last_seen_ms.store(PAUSED, Ordering::Relaxed);
+    }
+
+    /// Whether [`pause_silence`](Self::pause_silence) holds.
+    pub fn is_paused(&self) -> bool {
+        self.last_seen_ms.load(Ordering::Relaxed) == PAUSED
+    }
+
     /// Whether the device has been silent for its whole allowance at `now_ms`.
     pub fn is_silent(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed)) >= self.silence_ms
+        let last = self.last_seen_ms.load(Ordering::Relaxed);
+        last != PAUSED && now_ms.saturating_sub(last) >= self.silence_ms
     }
 
     /// Asks the connection to close for `reason`. The first reason wins;
@@ -300,7 +356,7 @@ impl Registry {
         let mut superseded = None;
         match self.conns.entry(phy.clone()) {
             dashmap::Entry::Occupied(mut e) => {
-                if e.get().epoch < handle.epoch {
+                if e.get().epoch() < handle.epoch() {
                     superseded = Some(e.insert(handle.clone()));
                 } else {
                     handle.close(TcpDownReason::Takeover);
@@ -316,13 +372,13 @@ impl Registry {
             crate::metrics::takeover(Scope::Local.label());
             tracing::info!(
                 old_conn_id = %old.conn_id,
-                old_epoch = old.epoch,
-                new_epoch = handle.epoch,
+                old_epoch = old.epoch(),
+                new_epoch = handle.epoch(),
                 "session taken over on this instance"
             );
         }
         if let Some(&(epoch, _)) = self.kicks.lock().get(phy)
-            && epoch > handle.epoch
+            && epoch > handle.epoch()
         {
             handle.close(TcpDownReason::Takeover);
         }
@@ -346,7 +402,7 @@ impl Registry {
     /// call asked it.
     pub fn close_device(&self, phy: &PhyId, epoch: u64, reason: TcpDownReason) -> bool {
         self.get(phy)
-            .filter(|h| h.epoch == epoch)
+            .filter(|h| h.epoch() == epoch)
             .is_some_and(|h| h.close(reason))
     }
 
@@ -356,7 +412,7 @@ impl Registry {
         let target = self
             .conns
             .get(phy)
-            .filter(|h| h.epoch < epoch)
+            .filter(|h| h.epoch() < epoch)
             .map(|h| h.clone());
         match target {
             Some(h) => {
@@ -366,7 +422,7 @@ impl Registry {
                     tracing::info!(
                         phy_id = %phy,
                         conn_id = %h.conn_id,
-                        old_epoch = h.epoch,
+                        old_epoch = h.epoch(),
                         new_epoch = epoch,
                         "session taken over by another instance"
                     );
@@ -415,7 +471,15 @@ impl Registry {
     pub fn snapshot(&self) -> Vec<(PhyId, u64)> {
         self.conns
             .iter()
-            .map(|e| (e.key().clone(), e.value().epoch))
+            .map(|e| (e.key().clone(), e.value().epoch()))
+            .collect()
+    }
+
+    /// Every registered device with its connection's handle.
+    pub fn handles(&self) -> Vec<(PhyId, Arc<ConnHandle>)> {
+        self.conns
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
             .collect()
     }
 }

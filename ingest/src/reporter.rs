@@ -440,7 +440,7 @@ async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
 /// the queue: if the device is connected again, its connection drains them.
 async fn nudge(shared: &Shared, phy: &PhyId, epoch: u64) -> redis::RedisResult<()> {
     if let Some(conn) = shared.registry.get(phy)
-        && conn.epoch > epoch
+        && conn.epoch() > epoch
     {
         let _ = conn.post(Mail::Drain(None));
         return Ok(());
@@ -483,7 +483,7 @@ async fn drain(shared: &Shared, phy: &PhyId, epoch: u64) -> redis::RedisResult<(
         return Ok(());
     }
     let n = mail.len();
-    let refused = match shared.registry.get(phy).filter(|c| c.epoch >= epoch) {
+    let refused = match shared.registry.get(phy).filter(|c| c.epoch() >= epoch) {
         Some(conn) => conn.post_all(mail).err(),
         None => Some(mail),
     };

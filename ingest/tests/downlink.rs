@@ -81,7 +81,7 @@ async fn a_command_routed_to_the_old_owner_follows_the_device_once() {
     let store = command_store(&redis.url(), |_| {}).await;
     let id = phy("mover");
 
-    // The device was on A (epoch 1) and is now on B (epoch 2).
+    // The device was on A and is now on B (a higher epoch).
     let mut old = Client::connect(&a.mqtt, &id, KEEPALIVE).await;
     let mut dev = Client::connect(&b.mqtt, &id, KEEPALIVE).await;
     old.ended(WAIT).await;
@@ -125,7 +125,17 @@ async fn a_command_routed_to_the_old_owner_follows_the_device_once() {
     assert_eq!(log[1].reason, "moved");
     assert_eq!(done.hops, 1);
     assert_eq!(done.server_id.as_deref(), Some("fw-b"));
-    assert_eq!(done.epoch, Some(2));
+    let mut conn = b.redis().await;
+    let owner: String = redis::cmd("GET")
+        .arg(b.keys.owner(&phy_id(&id)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        owner,
+        format!("fw-b {}", done.epoch.unwrap()),
+        "dispatched to B's connection"
+    );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }

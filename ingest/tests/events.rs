@@ -90,7 +90,12 @@ async fn every_event_kind_lands_in_its_shard_with_its_fields() {
     for e in &events {
         assert_eq!(e.conn_id, first.conn_id, "one connection: {e:?}");
         assert_eq!(e.server_id, ingest.server_id);
-        assert_eq!(e.epoch, 1, "first connection of the device");
+        assert_eq!(e.epoch, first.epoch, "one connection, one epoch: {e:?}");
+        assert!(
+            e.epoch / 1000 >= u64::try_from(t0).unwrap()
+                && e.epoch / 1000 <= u64::try_from(t1).unwrap(),
+            "a device's first epoch is the clock in µs at CONNECT: {e:?}"
+        );
         assert!(e.ts_ms >= t0 && e.ts_ms <= t1, "timestamp {e:?}");
     }
     match &events

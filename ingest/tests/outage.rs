@@ -1,8 +1,12 @@
-//! The Redis outage path: the test's own redis-server is stopped while
-//! devices heartbeat; connections stay up, `/health` reports the writer
-//! degraded, a new CONNECT gets "server unavailable", and when Redis is back
-//! (empty: it keeps nothing on disk) every event buffered during the outage
-//! is written, with the newest heartbeat of each device.
+//! The Redis outage path: the test's own redis-server (persistent, as a
+//! deployment would run it) is killed while devices heartbeat; connections
+//! stay up, `/health` reports the writer degraded, a new CONNECT gets
+//! "server unavailable", and when Redis is back every event buffered during
+//! the outage is written, with the newest heartbeat of each device, next to
+//! the `connected` events written before it. Devices that send QoS 1
+//! uplinks during the outage are not closed for keepalive while the ingest,
+//! waiting to write their uplinks, does not read from them; they get every
+//! PUBACK once Redis is back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +22,7 @@ use iot_test_support::{RedisServer, TestDevice, eventually, publish_packet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_wait_out_a_redis_outage_and_are_written_after_it() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_persistent();
     let ingest = Ingest::start(&redis.url(), "out-srv-1", |c| {
         c.redis.read_timeout = Duration::from_millis(500);
         c.redis.write_timeout = Duration::from_millis(500);
@@ -142,7 +146,11 @@ async fn events_wait_out_a_redis_outage_and_are_written_after_it() {
         })
     })
     .await;
-    assert!(down[0].ts_ms >= outage_start);
+    let closed = down
+        .iter()
+        .find(|e| common::has_tcp_down(std::slice::from_ref(e), TcpDownReason::Closed))
+        .unwrap();
+    assert!(closed.ts_ms >= outage_start);
     wait_events(&c, &ingest.keys, &leaver, "disconnected", |ev| {
         ev.iter().any(|e| e.kind == EventKind::Disconnected)
     })
@@ -151,9 +159,23 @@ async fn events_wait_out_a_redis_outage_and_are_written_after_it() {
         ev.iter().any(|e| e.kind.name() == "uplink")
     })
     .await;
-    assert!(matches!(&up[0].kind, EventKind::Uplink { payload, .. } if payload == b"buffered"));
+    let uplink = up.iter().find(|e| e.kind.name() == "uplink").unwrap();
+    assert!(matches!(&uplink.kind, EventKind::Uplink { payload, .. } if payload == b"buffered"));
     let mut c2 = c.clone();
     assert!(events_of(&mut c2, &ingest.keys, &newcomer).await.is_empty());
+    // Every connected event, written before the outage, is still there.
+    for id in beaters.iter().chain([&dropper, &leaver, &talker]) {
+        let events = events_of(&mut c2, &ingest.keys, id).await;
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.kind.name() == "connected")
+                .count(),
+            1,
+            "{id}: {:?}",
+            common::kinds(&events)
+        );
+    }
 
     // The outage's heartbeats went out as batches, one beat per device.
     for s in common::entries(&mut c2, &ingest.keys).await {
@@ -183,7 +205,8 @@ async fn events_wait_out_a_redis_outage_and_are_written_after_it() {
     let victim = &beaters[0];
     let kick = iot_core::control::Control::Kick {
         phy_id: common::phy_id(victim),
-        epoch: 1_000,
+        // Above any real epoch (they are floored at the clock in µs).
+        epoch: u64::MAX,
     }
     .encode();
     let channel = ingest.keys.downlink_channel(&ingest.server_id);
@@ -226,6 +249,67 @@ async fn events_wait_out_a_redis_outage_and_are_written_after_it() {
             .await
             >= 1.0
     );
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishers_are_not_closed_for_keepalive_while_their_uplinks_wait_for_redis() {
+    let mut redis = RedisServer::start();
+    let ingest = Ingest::start(&redis.url(), "out-srv-2", |c| {
+        c.redis.read_timeout = Duration::from_millis(500);
+        c.redis.write_timeout = Duration::from_millis(500);
+        c.redis.dial_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let id = phy("qos1");
+    // Keepalive 1 s: silent for 1.5 s, a device is closed.
+    let mut dev = TestDevice::connected(&ingest.mqtt, &id, 1).await;
+    let topic = format!("devices/{id}/up/t");
+    redis.stop();
+    eventually(Duration::from_secs(10), "writer degraded", || async {
+        let (_, body) = ingest.health().await;
+        if body["checks"]["event_writer"]["status"] == "degraded" {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    // More QoS 1 uplinks than the ingest holds while they wait: it stops
+    // reading from the device.
+    const N: u16 = 40;
+    for pkid in 1..=N {
+        dev.send(&publish_packet(&topic, b"x", QoS::AtLeastOnce, pkid))
+            .await;
+    }
+    dev.send(&Packet::PingReq).await;
+    // Twice the allowance: a device held to its keepalive would have been
+    // closed by now (the connection ending makes `recv` return `None`).
+    let window = Duration::from_secs(3);
+    let got = tokio::time::timeout(window, dev.recv(window * 2)).await;
+    assert!(
+        got.is_err(),
+        "nothing may arrive, and the connection must stay, while the uplinks wait for Redis: {got:?}"
+    );
+    assert!(!dev.is_closed().await, "the device was closed");
+    assert_eq!(
+        ingest
+            .metric("iot_ingest_disconnects_total{reason=\"keepalive\"}")
+            .await,
+        0.0
+    );
+
+    redis.start_again();
+    let mut acked = Vec::new();
+    while acked.len() < usize::from(N) {
+        match dev.recv(Duration::from_secs(10)).await {
+            Some(Packet::PubAck(a)) => acked.push(a.pkid),
+            Some(Packet::PingResp) => {}
+            other => panic!("expected PUBACKs, got {other:?} after {}", acked.len()),
+        }
+    }
+    let expected: Vec<u16> = (1..=N).collect();
+    assert_eq!(acked, expected, "every uplink acknowledged, in order");
     ingest.stop().await.unwrap();
 }
 

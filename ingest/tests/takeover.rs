@@ -55,10 +55,10 @@ async fn a_second_connect_on_the_same_instance_takes_over() {
     } else {
         (connected[1], connected[0])
     };
-    assert_eq!((first.epoch, second.epoch), (1, 2));
+    assert!(first.epoch < second.epoch, "{first:?} {second:?}");
     let down = takeover_of(&events).unwrap();
     assert_eq!(down.conn_id, first.conn_id, "the old connection went down");
-    assert_eq!(down.epoch, 1, "with its own, lower epoch");
+    assert_eq!(down.epoch, first.epoch, "with its own, lower epoch");
     assert_eq!(down.server_id, ingest.server_id);
     assert!(
         !events
@@ -80,7 +80,7 @@ async fn a_second_connect_on_the_same_instance_takes_over() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(owner, format!("tk-srv-1 2"));
+    assert_eq!(owner, format!("tk-srv-1 {}", second.epoch));
     ingest.stop().await.unwrap();
 }
 
@@ -108,19 +108,24 @@ async fn a_connect_on_another_instance_kicks_the_old_connection() {
             takeover_of(ev).is_some()
                 && ev
                     .iter()
-                    .any(|e| e.kind.name() == "connected" && e.epoch == 2)
+                    .any(|e| e.kind.name() == "connected" && e.server_id.as_str() == "tk-srv-b")
         },
     )
     .await;
+    let old = events
+        .iter()
+        .find(|e| e.kind.name() == "connected" && e.server_id.as_str() == "tk-srv-a")
+        .expect("the old connection's connected event");
     let down = takeover_of(&events).unwrap();
     assert_eq!(down.server_id.as_str(), "tk-srv-a");
-    assert_eq!(down.epoch, 1);
+    assert_eq!(down.epoch, old.epoch, "with its own epoch");
     let new = events
         .iter()
-        .find(|e| e.kind.name() == "connected" && e.epoch == 2)
+        .find(|e| e.kind.name() == "connected" && e.server_id.as_str() == "tk-srv-b")
         .expect("the new connection's connected event");
-    assert_eq!(new.server_id.as_str(), "tk-srv-b");
+    assert!(new.epoch > down.epoch, "the newer connection outranks it");
     assert_ne!(new.conn_id, down.conn_id);
+    let b_epoch = new.epoch;
     assert!(
         a.metric("iot_ingest_takeovers_total{scope=\"remote\"}")
             .await
@@ -134,7 +139,7 @@ async fn a_connect_on_another_instance_kicks_the_old_connection() {
     wait_events(&conn, &a.keys, &id, "B's takeover", |ev| {
         ev.iter().any(|e| {
             e.server_id.as_str() == "tk-srv-b"
-                && e.epoch == 2
+                && e.epoch == b_epoch
                 && e.kind
                     == EventKind::TcpDown {
                         reason: TcpDownReason::Takeover,
@@ -157,15 +162,21 @@ async fn owner_keys_are_renewed_only_for_the_connection_they_name() {
     let takeover = Takeover::new(keys.clone(), me.clone(), Duration::from_secs(60));
     let (a, b) = (common::phy_id(&phy("own-a")), common::phy_id(&phy("own-b")));
 
+    let t0 = iot_core::time::now_us();
     let claim = takeover.claim(&pool, &a).await.unwrap();
-    assert_eq!((claim.epoch, claim.previous), (1, None));
+    assert_eq!(claim.previous, None);
+    assert!(
+        claim.epoch >= t0,
+        "a first epoch is the clock in µs: {}",
+        claim.epoch
+    );
     let again = takeover.claim(&pool, &a).await.unwrap();
-    assert_eq!(again.epoch, 2);
+    assert!(again.epoch > claim.epoch);
     assert_eq!(
         again.previous,
         Some(Owner {
             server_id: me.clone(),
-            epoch: 1
+            epoch: claim.epoch
         })
     );
     takeover.claim(&pool, &b).await.unwrap();
@@ -179,9 +190,10 @@ async fn owner_keys_are_renewed_only_for_the_connection_they_name() {
             .await
             .unwrap();
     }
-    // `a` is held by epoch 2 (renewed), `b` is not held with epoch 7 here.
+    // `a` is held by its newest epoch (renewed), `b` is not held with epoch
+    // 7 here.
     takeover
-        .renew(&pool, &[(a.clone(), 2), (b.clone(), 7)])
+        .renew(&pool, &[(a.clone(), again.epoch), (b.clone(), 7)])
         .await
         .unwrap();
     let ttl = |phy: iot_core::PhyId| {
@@ -207,4 +219,62 @@ async fn owner_keys_are_renewed_only_for_the_connection_they_name() {
         .await
         .unwrap();
     assert_eq!(epoch_ttl, -1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_never_goes_back_even_when_redis_loses_the_counter() {
+    use ingest::takeover::{Reclaim, Takeover};
+    let redis = RedisServer::start();
+    let cfg = common::config(&redis.url(), "tk-srv-e");
+    let pool = iot_service::RedisPool::connect(&cfg.redis).await.unwrap();
+    let keys = cfg.keys();
+    let me = iot_core::ServerId::new("tk-srv-e").unwrap();
+    let takeover = Takeover::new(keys.clone(), me.clone(), Duration::from_secs(60));
+    let id = common::phy_id(&phy("lost-counter"));
+    let first = takeover.claim(&pool, &id).await.unwrap();
+
+    // Redis lost the counter (a restart without persistence, a failover that
+    // dropped the last writes): it is back at a small value, or gone.
+    let mut conn = common::redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(keys.epoch(&id))
+        .arg(3)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = takeover.claim(&pool, &id).await.unwrap();
+    assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
+    let _: () = redis::cmd("DEL")
+        .arg(keys.epoch(&id))
+        .arg(keys.owner(&id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let third = takeover.claim(&pool, &id).await.unwrap();
+    assert!(third.epoch > second.epoch, "{third:?} after {second:?}");
+
+    // Re-claiming: the connection that holds the owner key (or a lost one)
+    // gets a new, higher epoch; a connection a newer one superseded does not.
+    let verdicts = takeover
+        .reclaim(&pool, &[(id.clone(), third.epoch)])
+        .await
+        .unwrap();
+    let Reclaim::Renewed(fourth) = verdicts[0] else {
+        panic!("expected a renewal, got {verdicts:?}");
+    };
+    assert!(fourth > third.epoch);
+    let owner: String = redis::cmd("GET")
+        .arg(keys.owner(&id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owner, format!("tk-srv-e {fourth}"));
+    let verdicts = takeover
+        .reclaim(&pool, &[(id.clone(), third.epoch)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&verdicts[0], Reclaim::Superseded(Some(o)) if o.epoch == fourth),
+        "an older connection is not given the device back: {verdicts:?}"
+    );
 }

@@ -378,7 +378,11 @@ impl Projection {
                 pipe.srem(key, conn).ignore();
             }
         }
+        // The binding it replaced leaves its instance's set, unless it is the
+        // same connection on the same instance (a session announced again
+        // with a new epoch, see the ingest's `rebind`): it stays a member.
         if let Some((conn, server)) = &r.superseded
+            && (r.conn.as_ref() != Some(conn) || r.server.as_ref() != Some(server))
             && let Ok(server) = ServerId::new(server.as_str())
         {
             pipe.srem(keys.server_conns(&server), conn).ignore();

@@ -9,6 +9,8 @@
 //! - [`TestDevice`]: a raw MQTT connection (the `iot-mqtt` codec over TCP)
 //!   for tests that send what a real client never would.
 //! - [`ServiceProcess`]: a service binary as a child process, to signal or kill.
+//! - [`TcpProxy`]: a TCP proxy a test can cut, to partition one service
+//!   from Redis while the others still reach it.
 //! - [`free_port`], [`unique_prefix`] and [`http_get`].
 //!
 //! Helpers panic with a clear message when the environment cannot provide
@@ -20,6 +22,7 @@ mod device;
 mod pg_server;
 mod postgres;
 mod process;
+mod proxy;
 mod redis;
 mod wait;
 
@@ -27,6 +30,7 @@ pub use device::{TestDevice, connect_packet, publish_packet};
 pub use pg_server::PgServer;
 pub use postgres::TestDb;
 pub use process::{ServiceProcess, check_service_binary};
+pub use proxy::TcpProxy;
 pub use redis::{RedisCli, RedisServer};
 pub use wait::{eventually, eventually_sync};
 

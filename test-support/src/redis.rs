@@ -12,6 +12,9 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Append-only file with `appendfsync always`: every acknowledged write
+    /// survives a SIGKILL and a restart.
+    persistent: bool,
 }
 
 fn binary() -> String {
@@ -34,8 +37,21 @@ fn pings(port: u16) -> bool {
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it answers PING.
+    /// Starts a server on a free port and waits until it answers PING. It
+    /// keeps nothing on disk: a restart comes back empty.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Like [`start`](Self::start), but the server keeps an append-only file
+    /// fsynced on every write, so [`stop`](Self::stop) (SIGKILL) and
+    /// [`start_again`](Self::start_again) keep every acknowledged write: a
+    /// Redis deployed with persistence.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
         for _ in 0..5 {
             let port = crate::free_port();
@@ -43,6 +59,7 @@ impl RedisServer {
                 child: None,
                 port,
                 dir,
+                persistent,
             };
             if server.spawn() {
                 return server;
@@ -58,6 +75,11 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
+        let (appendonly, fsync) = if self.persistent {
+            ("yes", "always")
+        } else {
+            ("no", "everysec")
+        };
         let child = Command::new(binary())
             .args([
                 "--bind",
@@ -67,7 +89,9 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                appendonly,
+                "--appendfsync",
+                fsync,
                 "--dir",
                 &self.dir.path().display().to_string(),
                 "--maxclients",
@@ -118,7 +142,8 @@ impl RedisServer {
     }
 
     /// Kills the server (SIGKILL by pid) and waits for it to exit. Its data
-    /// is gone: it keeps nothing on disk.
+    /// is gone, unless it was started with
+    /// [`start_persistent`](Self::start_persistent).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -126,7 +151,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty) and waits for PING.
+    /// Starts the server again on the same port (empty, or with what it had
+    /// written if persistent) and waits for PING.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is still running");
         let deadline = Instant::now() + Duration::from_secs(10);
