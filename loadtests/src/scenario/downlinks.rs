@@ -13,10 +13,9 @@
 //! answer, which polls the record every 10 ms itself, so its figure
 //! carries that granularity.
 //!
-//! Before the run one command is posted with a 2 s wait: if it does not
-//! end `acked`, the ingest build does not deliver downlinks yet, and the
-//! run measures only the api's side (submit latency and status counts) and
-//! says so (`delivery_supported: false`).
+//! Before the run one command is posted with a 10 s wait: if it does not
+//! end `acked`, downlinks do not work on the stack and the run fails (a
+//! figure measured without delivery would be no figure at all).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -104,16 +103,15 @@ pub struct DownlinksArgs {
 pub struct DownlinksResults {
     /// Devices subscribed on ingest B.
     pub devices: u32,
-    /// Whether the ingest delivered the probe command (else only the
-    /// api's side was measured).
+    /// Whether the ingest delivered the probe command (always true in a
+    /// report: the run fails otherwise; kept for reports of older runs).
     pub delivery_supported: bool,
-    /// The probe command's status after 2 s.
+    /// The probe command's status (acked within 10 s, or the run fails).
     pub probe_status: String,
-    /// How the round trip was observed (`poll`, `wait`, or `submit_only`
-    /// without delivery).
+    /// How the round trip was observed (`poll` or `wait`; older reports
+    /// may say `submit_only`, from builds that did not deliver).
     pub mode: String,
-    /// The generator: latency is the round trip POST -> acked (or the
-    /// POST alone for `submit_only`).
+    /// The generator: latency is the round trip POST -> acked.
     pub load: LoadResult,
     /// Final statuses seen, by name.
     pub statuses: BTreeMap<String, u64>,
@@ -134,12 +132,6 @@ impl DownlinksResults {
             "downlinks: {} devices on ingest B, commands through the api at {:.0}/s ({})\n",
             self.devices, self.load.target_rate, self.mode
         );
-        if !self.delivery_supported {
-            s.push_str(&format!(
-                "  the ingest did not deliver the probe command (status {:?} after 2 s): round trip pending the downlink build; api side only\n",
-                self.probe_status
-            ));
-        }
         s.push_str(&format!(
             "  {}\n  acked {:.0}/s; statuses {:?}; devices received {}, acked {}\n  CPU (cores): {}\n",
             self.load.line(),
@@ -156,7 +148,7 @@ impl DownlinksResults {
 struct Downlink {
     prefix: String,
     devices: u32,
-    mode: Option<Mode>,
+    mode: Mode,
     poll: Duration,
     limit: Duration,
     redis: redis::aio::MultiplexedConnection,
@@ -191,7 +183,7 @@ impl Downlink {
         let phy = format!("{}{}", self.prefix, i % u64::from(self.devices));
         let path = format!("/api/devices/{phy}/commands");
         let body = match self.mode {
-            Some(Mode::Wait) => format!(
+            Mode::Wait => format!(
                 r#"{{"name":"bench","payload":"{i}","wait":"{}"}}"#,
                 humantime::format_duration(self.limit)
             ),
@@ -210,15 +202,15 @@ impl Downlink {
             return Outcome::Failed;
         };
         match self.mode {
-            None | Some(Mode::Wait) => {
+            Mode::Wait => {
                 self.count(&posted.label());
-                if self.mode.is_none() || posted.status == ACKED {
+                if posted.status == ACKED {
                     Outcome::Status(r.status)
                 } else {
                     Outcome::Failed
                 }
             }
-            Some(Mode::Poll) => self.poll_acked(&posted).await,
+            Mode::Poll => self.poll_acked(&posted).await,
         }
     }
 
@@ -304,15 +296,21 @@ pub async fn run(
             p.subacks
         );
         let api = stack.api()?;
-        // Does this ingest deliver downlinks? One command with a wait.
+        // One command with a wait first: a deployment that does not deliver
+        // is an error, not a figure.
         let probe = api
             .post_command(
                 &format!("{prefix}0"),
-                r#"{"name":"probe","payload":"p","wait":"2s"}"#,
+                r#"{"name":"probe","payload":"p","wait":"10s"}"#,
             )
             .await?;
         let supported = probe.status == ACKED;
-        let mode = supported.then_some(args.mode);
+        anyhow::ensure!(
+            supported,
+            "the probe command was not delivered and acked within 10 s (status {:?}): downlinks do not work on this stack",
+            probe.status
+        );
+        let mode = args.mode;
         let request = Arc::new(Downlink {
             prefix: prefix.clone(),
             devices: args.devices,
@@ -344,9 +342,8 @@ pub async fn run(
             delivery_supported: supported,
             probe_status: probe.status,
             mode: match mode {
-                Some(Mode::Poll) => "poll".to_owned(),
-                Some(Mode::Wait) => "wait".to_owned(),
-                None => "submit_only".to_owned(),
+                Mode::Poll => "poll".to_owned(),
+                Mode::Wait => "wait".to_owned(),
             },
             acked_per_s: statuses.get(ACKED).copied().unwrap_or(0) as f64
                 / load.elapsed_s.max(1e-9),
