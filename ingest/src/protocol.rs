@@ -259,7 +259,7 @@ impl DeviceProtocol for Mqtt {
                     reply.write(out);
                 }
                 if let Some(filters) = refused {
-                    tracing::warn!(%filters, "SUBSCRIBE outside the device's downlink tree refused (0x80)");
+                    tracing::warn!(%filters, "SUBSCRIBE filters refused (0x80): outside the device's downlink tree, or over the per-connection limit");
                     crate::metrics::violation("subscribe_refused");
                 }
                 if subscribed {

@@ -193,8 +193,16 @@ impl Session {
                     .map(|f| match topics::down_filter(phy, f.filter.as_str()) {
                         Some(relative) => {
                             let qos = f.qos.min(MAX_GRANTED_QOS);
-                            self.subscriptions.add(relative, qos);
-                            SubscribeReturnCode::Success(qos)
+                            if self.subscriptions.add(relative, qos) {
+                                SubscribeReturnCode::Success(qos)
+                            } else {
+                                refused.push(format!(
+                                    "{} (over the limit of {} filters per connection)",
+                                    f.filter.as_str(),
+                                    topics::MAX_FILTERS
+                                ));
+                                SubscribeReturnCode::Failure
+                            }
                         }
                         None => {
                             refused.push(f.filter.as_str().to_owned());
@@ -406,6 +414,40 @@ mod tests {
             .handle(&phy(), publish("devices/dev-1/up/temp", QoS::ExactlyOnce))
             .expect_err("qos2");
         assert_eq!(v.kind, "qos2");
+    }
+
+    #[test]
+    fn filters_over_the_per_connection_limit_are_refused() {
+        let mut s = session();
+        let filters: Vec<SubscribeFilter> = (0..=topics::MAX_FILTERS)
+            .map(|i| {
+                SubscribeFilter::new(
+                    MqttStr::try_from(format!("devices/dev-1/down/cmd{i}")).expect("filter"),
+                    QoS::AtLeastOnce,
+                )
+            })
+            .collect();
+        let sub = Subscribe { pkid: 5, filters };
+        let Ok(Action::Alive {
+            reply: Some(Reply::SubAck(ack)),
+            refused,
+        }) = s.handle(&phy(), Packet::Subscribe(sub))
+        else {
+            panic!("expected a SUBACK");
+        };
+        let ok = SubscribeReturnCode::Success(QoS::AtLeastOnce);
+        assert!(
+            ack.return_codes[..topics::MAX_FILTERS]
+                .iter()
+                .all(|c| *c == ok)
+        );
+        assert_eq!(
+            ack.return_codes[topics::MAX_FILTERS],
+            SubscribeReturnCode::Failure
+        );
+        let refused = refused.expect("the refused filter is logged");
+        assert!(refused.contains("over the limit"), "{refused}");
+        assert_eq!(s.subscriptions().len(), topics::MAX_FILTERS);
     }
 
     #[test]

@@ -93,15 +93,26 @@ pub struct Subscriptions {
 /// A downlink filter relative to `devices/{phy}/down/`, with its granted QoS.
 type Filter = (Box<str>, QoS);
 
+/// Most downlink filters one connection may hold: enough for any device's
+/// command names, and a bound on what a connection's SUBSCRIBEs can make
+/// the ingest keep and match.
+pub const MAX_FILTERS: usize = 32;
+
 impl Subscriptions {
     /// Records `relative` (as returned by [`down_filter`]) with `qos`,
-    /// replacing an identical filter (MQTT-3.8.4-3).
-    pub fn add(&mut self, relative: &str, qos: QoS) {
+    /// replacing an identical filter (MQTT-3.8.4-3). Returns `false`, and
+    /// records nothing, for a new filter when [`MAX_FILTERS`] are held.
+    pub fn add(&mut self, relative: &str, qos: QoS) -> bool {
         let filters = self.filters.get_or_insert_with(Box::default);
-        match filters.iter_mut().find(|(f, _)| &**f == relative) {
-            Some(existing) => existing.1 = qos,
-            None => filters.push((relative.into(), qos)),
+        if let Some(existing) = filters.iter_mut().find(|(f, _)| &**f == relative) {
+            existing.1 = qos;
+            return true;
         }
+        if filters.len() >= MAX_FILTERS {
+            return false;
+        }
+        filters.push((relative.into(), qos));
+        true
     }
 
     fn iter(&self) -> impl Iterator<Item = &Filter> {
@@ -170,6 +181,20 @@ mod tests {
         ] {
             assert_eq!(check_publish(&phy(), bad), Err(why), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_connection_holds_at_most_max_filters() {
+        let mut subs = Subscriptions::default();
+        for i in 0..MAX_FILTERS {
+            assert!(subs.add(&format!("cmd{i}"), QoS::AtLeastOnce));
+        }
+        assert!(!subs.add("one-too-many", QoS::AtLeastOnce));
+        assert_eq!(subs.len(), MAX_FILTERS);
+        assert_eq!(subs.granted("one-too-many"), None);
+        // Replacing a held filter is still allowed.
+        assert!(subs.add("cmd0", QoS::AtMostOnce));
+        assert_eq!(subs.granted("cmd0"), Some(QoS::AtMostOnce));
     }
 
     #[test]

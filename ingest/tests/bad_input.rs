@@ -1,6 +1,7 @@
 //! Bad input: each case gets its protocol answer or a close, a log line and
 //! a metric, and leaves every other device untouched (a well-behaved
-//! observer device pings before and after each case).
+//! observer device pings before and after each case). The tests take turns
+//! ([`common::METRICS`]), so each counts exactly its own refusals.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -46,6 +47,7 @@ async fn closed_without_answer(ingest: &Ingest, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_packets_before_connect_are_closed() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-1").await;
     let before = ingest
         .metric("iot_ingest_connects_refused_total{reason=\"malformed\"}")
@@ -70,7 +72,7 @@ async fn garbage_and_packets_before_connect_are_closed() {
         ingest
             .metric("iot_ingest_connects_refused_total{reason=\"malformed\"}")
             .await
-            >= before + 5.0
+            == before + 5.0
     );
     observer.ping().await;
     ingest.stop().await.unwrap();
@@ -78,9 +80,12 @@ async fn garbage_and_packets_before_connect_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_protocol_level_gets_connack_1() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-2").await;
     let mut connect = bytes_of(&connect_packet("dev-x", 30));
     connect[8] = 5; // MQTT 5
+    let bad_protocol = "iot_ingest_connects_refused_total{reason=\"bad_protocol\"}";
+    let before = ingest.metric(bad_protocol).await;
     let mut d = TestDevice::open(&ingest.mqtt).await;
     d.send_raw(&connect).await.unwrap();
     let got = d.closed_within(CLOSE).await;
@@ -88,18 +93,14 @@ async fn unsupported_protocol_level_gets_connack_1() {
         matches!(&got[..], [Packet::ConnAck(a)] if a.code == ConnectReturnCode::UnacceptableProtocolVersion),
         "{got:?}"
     );
-    assert!(
-        ingest
-            .metric("iot_ingest_connects_refused_total{reason=\"bad_protocol\"}")
-            .await
-            >= 1.0
-    );
+    assert_eq!(ingest.metric(bad_protocol).await, before + 1.0);
     observer.ping().await;
     ingest.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_ids_are_rejected_with_connack_2() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-3").await;
     let before = ingest
         .metric("iot_ingest_connects_refused_total{reason=\"identifier_rejected\"}")
@@ -129,7 +130,7 @@ async fn bad_client_ids_are_rejected_with_connack_2() {
         ingest
             .metric("iot_ingest_connects_refused_total{reason=\"identifier_rejected\"}")
             .await
-            >= before + bad.len() as f64
+            == before + bad.len() as f64
     );
     // No event was written for any of them.
     let mut conn = ingest.redis().await;
@@ -154,6 +155,7 @@ async fn bad_client_ids_are_rejected_with_connack_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_after_connect_close_with_tcp_down() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-4").await;
     let conn = ingest.redis().await;
     let before = |kind: &str| format!("iot_ingest_protocol_violations_total{{kind=\"{kind}\"}}");
@@ -222,7 +224,7 @@ async fn protocol_violations_after_connect_close_with_tcp_down() {
         got.sort_unstable();
         assert_eq!(got, vec!["connected", "heartbeat", "tcp_down"], "{kind}");
         assert!(
-            ingest.metric(&before(kind)).await >= base[kind] + 1.0,
+            ingest.metric(&before(kind)).await == base[kind] + 1.0,
             "metric for {kind}"
         );
         observer.ping().await;
@@ -232,7 +234,10 @@ async fn protocol_violations_after_connect_close_with_tcp_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_malformed_connects_are_closed() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-5").await;
+    let malformed = "iot_ingest_connects_refused_total{reason=\"malformed\"}";
+    let before = ingest.metric(malformed).await;
     // A CONNECT announcing 100 kB: over the limit.
     closed_without_answer(&ingest, &[0x10, 0xa0, 0x8d, 0x06]).await;
     // Five length bytes.
@@ -242,13 +247,17 @@ async fn oversized_and_malformed_connects_are_closed() {
     let n = connect.len();
     connect[n - 1] = 0xff;
     closed_without_answer(&ingest, &connect).await;
+    assert_eq!(ingest.metric(malformed).await, before + 3.0, "each counted");
     observer.ping().await;
     ingest.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_to_another_device_is_refused_but_the_connection_stays() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-6").await;
+    let refused = "iot_ingest_protocol_violations_total{kind=\"subscribe_refused\"}";
+    let before = ingest.metric(refused).await;
     let id = phy("nosy");
     let mut d = TestDevice::connected(&ingest.mqtt, &id, 30).await;
     let sub = Subscribe {
@@ -285,6 +294,11 @@ async fn subscribing_to_another_device_is_refused_but_the_connection_stays() {
         }
         other => panic!("expected SUBACK, got {other:?}"),
     }
+    assert_eq!(
+        ingest.metric(refused).await,
+        before + 1.0,
+        "one per refusing SUBACK"
+    );
     d.ping().await;
     observer.ping().await;
     ingest.stop().await.unwrap();
@@ -292,6 +306,7 @@ async fn subscribing_to_another_device_is_refused_but_the_connection_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_that_never_finishes_is_closed_at_the_deadline() {
+    let _turn = common::METRICS.lock().await;
     let (_redis, ingest, mut observer) = setup("bad-7").await;
     let before = ingest
         .metric("iot_ingest_connects_refused_total{reason=\"connect_timeout\"}")
@@ -311,11 +326,11 @@ async fn a_connect_that_never_finishes_is_closed_at_the_deadline() {
         took >= Duration::from_millis(950) && took < Duration::from_millis(2500),
         "closed after {took:?} (deadline 1 s after accept)"
     );
-    assert!(
+    assert_eq!(
         ingest
             .metric("iot_ingest_connects_refused_total{reason=\"connect_timeout\"}")
-            .await
-            > before
+            .await,
+        before + 1.0
     );
     let mut conn = ingest.redis().await;
     assert!(
@@ -329,6 +344,7 @@ async fn a_connect_that_never_finishes_is_closed_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_silent_connections_are_closed_while_a_device_works() {
+    let _turn = common::METRICS.lock().await;
     let redis = RedisServer::start();
     let ingest = Ingest::start(&redis.url(), "bad-8", |c| {
         c.mqtt.connect_timeout = Duration::from_secs(2);
@@ -338,6 +354,13 @@ async fn a_thousand_silent_connections_are_closed_while_a_device_works() {
     let before = ingest
         .metric("iot_ingest_connects_refused_total{reason=\"connect_timeout\"}")
         .await;
+    // The limit it logged at start (open files less a reserve) holds them.
+    let limit = ingest.metric("iot_ingest_connection_limit").await;
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().1 as f64;
+    assert!(
+        limit >= 1000.0 && limit < hard,
+        "connection limit {limit} (hard {hard})"
+    );
     let worker_id = phy("worker");
     let mut worker = TestDevice::connected(&ingest.mqtt, &worker_id, 30).await;
 
@@ -380,7 +403,7 @@ async fn a_thousand_silent_connections_are_closed_while_a_device_works() {
         ingest
             .metric("iot_ingest_connects_refused_total{reason=\"connect_timeout\"}")
             .await
-            >= before + 1000.0
+            == before + 1000.0
     );
     worker.ping().await;
     let events = wait_events(&conn, &ingest.keys, &worker_id, "10 uplinks", |ev| {

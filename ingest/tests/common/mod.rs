@@ -15,6 +15,11 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Held by tests that compare metric values: the Prometheus recorder is
+/// global to the test process, so tests that run at the same time in one
+/// binary would count into each other's figures.
+pub static METRICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Number of shards the tests use (small, so that shard mistakes show).
 pub const SHARDS: u16 = 4;
 
