@@ -288,6 +288,7 @@ async fn downlinks_submit_through_the_api_to_devices_on_another_ingest() {
     assert!(r.load.requests >= 80, "{s}");
     assert_eq!(r.statuses.values().sum::<u64>(), r.load.requests, "{s}");
     assert!(!r.probe_status.is_empty());
+    assert!(r.delivery_supported, "the probe command was not acked: {s}");
     if r.delivery_supported {
         // Every command acked, round trip measured, devices saw them.
         assert_eq!(r.mode, "poll");
