@@ -142,6 +142,24 @@ async fn a_command_for_an_offline_device_fails_or_waits_in_its_queue() {
         .collect();
     assert_eq!(ids, [qid, id.as_str()], "newest first");
     assert!(list["next_cursor"].is_null());
+    assert!(
+        list["commands"][0].get("history").is_none(),
+        "history only when asked: {list}"
+    );
+    // With history=true each carries its changes, numbered.
+    let (status, list) = api.get(&format!("{}?history=true", path("dev-off"))).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(statuses(&list["commands"][0]["history"]), ["queued"]);
+    assert_eq!(statuses(&list["commands"][1]["history"]), ["failed"]);
+    assert_eq!(list["commands"][1]["history"][0]["reason"], "offline");
+    assert_eq!(list["commands"][1]["history"][0]["seq"], 1);
+    assert!(list["commands"][1]["history"][0]["at"].is_string());
+    let (status, _) = api.get(&format!("{}?history=false", path("dev-off"))).await;
+    assert_eq!(status, 200);
+    let code = api
+        .expect_error(&format!("{}?history=yes", path("dev-off")), Some(READ), 400)
+        .await;
+    assert_eq!(code, "invalid_query");
     // It is in the device's offline queue, in Redis.
     let store = api.command_store().await;
     assert_eq!(store.queue_len(&phy("dev-off")).await.expect("len"), 1);
@@ -462,5 +480,65 @@ async fn bad_commands_are_refused_with_a_clear_answer() {
             .await,
         "database_not_configured"
     );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_log_keeps_every_change_even_two_alike_in_one_millisecond() {
+    let api = TestApi::start_with_db().await;
+    let archiver = Archiver::start(&api).await;
+    let store = api.command_store().await;
+    let now = now_ms();
+    let new = NewCommand {
+        phy_id: phy("dev-log"),
+        name: "reboot".into(),
+        payload: b"x".to_vec(),
+        ttl: None,
+        queue_if_offline: false,
+    };
+    let id = Uuid::now_v7();
+    store
+        .create(id, &new, Status::Dispatched, None, Some(("srv-l", 1)), now)
+        .await
+        .expect("create");
+    // Waiting under the inflight limit, reported twice in one millisecond
+    // (the creation's too), then failed.
+    let wait = Transition::to(Status::Dispatched)
+        .from(&[Status::Dispatched])
+        .reason("inflight_limit");
+    for _ in 0..2 {
+        assert!(
+            store
+                .transition(&id, &wait, now)
+                .await
+                .expect("t")
+                .is_some()
+        );
+    }
+    let fail = Transition::to(Status::Failed).reason("device_gone");
+    assert!(
+        store
+            .transition(&id, &fail, now)
+            .await
+            .expect("t")
+            .is_some()
+    );
+    let db = api.store().await;
+    let changes = iot_test_support::eventually(
+        Duration::from_secs(20),
+        "every change in the command log",
+        || async {
+            let c = db.command_changes(id).await.map_err(|e| e.to_string())?;
+            if c.len() >= 4 {
+                Ok(c)
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
+    .await;
+    let st: Vec<&str> = changes.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(st, ["dispatched", "dispatched", "dispatched", "failed"]);
+    archiver.stop().await;
     api.stop().await;
 }

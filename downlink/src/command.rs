@@ -243,6 +243,11 @@ impl Command {
 /// One state change of a command, from its log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// Its place in the command's log, from 1: the order of the changes
+    /// (two changes may share a status and a millisecond). 0 in entries
+    /// written before the log carried it.
+    #[serde(default)]
+    pub seq: u64,
     /// New status.
     pub status: Status,
     /// When, ms.

@@ -21,4 +21,4 @@ pub mod store;
 pub mod sweeper;
 
 pub use command::{Change, Command, FailReason, Status};
-pub use store::{CommandStore, NewCommand, OpenCounts, Settings, Transition};
+pub use store::{CommandStore, NewCommand, OpenCounts, Outcome, Refusal, Settings, Transition};

@@ -27,6 +27,29 @@ pub fn describe() {
         "iot_downlink_sweeps_total",
         "Commands the sweeper acted on, by action"
     );
+    metrics::describe_counter!(
+        STALE_VERDICTS,
+        "Command state changes refused because the connection reporting them is no longer the one the command is dispatched to, by op"
+    );
+    metrics::describe_counter!(
+        REPORTS_SHED,
+        "Command state changes not applied because the reporter's lane and its overflow were full (the sweeper resolves those commands)"
+    );
+}
+
+/// Counter: verdicts from a connection the command has left, by `op`.
+pub const STALE_VERDICTS: &str = "iot_downlink_stale_verdicts_total";
+/// Counter: reports shed under overload.
+pub const REPORTS_SHED: &str = "iot_downlink_reports_shed_total";
+
+/// Counts a verdict refused as stale.
+pub fn stale_verdict(op: &'static str) {
+    metrics::counter!(STALE_VERDICTS, "op" => op).increment(1);
+}
+
+/// Counts a report shed under overload.
+pub fn report_shed() {
+    metrics::counter!(REPORTS_SHED).increment(1);
 }
 
 /// Counts a terminal state; `roundtrip` is recorded for acked commands.

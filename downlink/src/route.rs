@@ -162,85 +162,135 @@ async fn queue(store: &CommandStore, mut cmd: Command, now: i64) -> redis::Redis
 }
 
 /// The device is not reachable where the command went: queue the command
-/// (if it may wait and has not expired) or fail it.
+/// (if it may wait and has not expired) or fail it. Only while the command
+/// is still dispatched where `cmd` says (a concurrent forward wins).
 pub async fn offline(
     store: &CommandStore,
     mut cmd: Command,
     now: i64,
 ) -> redis::RedisResult<Command> {
+    let still_there = |t: Transition| {
+        t.guard(field::SERVER_ID, cmd.server_id.clone().unwrap_or_default())
+            .guard(
+                field::EPOCH,
+                cmd.epoch.map(|e| e.to_string()).unwrap_or_default(),
+            )
+    };
     if now >= cmd.expires_at_ms {
-        store
-            .transition(&cmd.id, &Transition::to(Status::Expired), now)
-            .await?;
-        cmd.status = Status::Expired;
+        let t = still_there(Transition::to(Status::Expired));
+        if store.transition(&cmd.id, &t, now).await?.is_some() {
+            cmd.status = Status::Expired;
+        }
         return Ok(cmd);
     }
     if cmd.queue_if_offline {
-        let t = Transition::to(Status::Queued).reason("offline");
+        let t = still_there(Transition::to(Status::Queued).reason("offline"));
         if store.transition(&cmd.id, &t, now).await?.is_some() {
             cmd.status = Status::Queued;
             return queue(store, cmd, now).await;
         }
         return Ok(cmd);
     }
-    let t = Transition::to(Status::Failed).reason(FailReason::Offline.as_str());
-    store.transition(&cmd.id, &t, now).await?;
-    cmd.status = Status::Failed;
-    cmd.reason = Some(FailReason::Offline.as_str().to_owned());
+    let t = still_there(Transition::to(Status::Failed).reason(FailReason::Offline.as_str()));
+    if store.transition(&cmd.id, &t, now).await?.is_some() {
+        cmd.status = Status::Failed;
+        cmd.reason = Some(FailReason::Offline.as_str().to_owned());
+    }
     Ok(cmd)
 }
 
-/// Sends a command once more to where the device is now (it moved, or its
-/// first owner vanished). At most one forward per command; after that, or
-/// when the device is nowhere, the command is queued or fails.
+/// Sends a command again to where the device is now: it moved (takeover),
+/// its first owner vanished, or its owner never answered. `gone` is the
+/// connection (instance, epoch) the caller knows does not hold the device
+/// any more, if any: that connection, or an older one of the device on
+/// that instance, is not a place to send it.
+///
+/// - The device is on another connection than the one the command was
+///   dispatched to: the command follows it there, at most once per
+///   command (the `hops` guard is checked in the state change itself, so
+///   a reporter and the sweeper cannot both forward it).
+/// - The device is still on that very connection and its instance lives
+///   (a report or the Pub/Sub message was lost): the command is dispatched
+///   there again; the connection takes it, or re-reports where it stands
+///   if it holds it already. This is not a hop.
+/// - Otherwise (nowhere, gone, or forwarded once already) it is queued or
+///   fails (see [`offline`]).
 pub async fn forward(
     store: &CommandStore,
     cmd: Command,
     reason: &str,
+    gone: Option<(&ServerId, u64)>,
 ) -> redis::RedisResult<Command> {
     let now = iot_core::time::now_ms();
-    if cmd.hops == 0
-        && let Location::Connected(owner) = locate(store, &cmd.phy_id).await?
-        && (Some(owner.server_id.as_str()) != cmd.server_id.as_deref()
-            || Some(owner.epoch) != cmd.epoch)
-    {
-        let t = Transition::to(Status::Dispatched)
+    let Location::Connected(owner) = locate(store, &cmd.phy_id).await? else {
+        return offline(store, cmd, now).await;
+    };
+    if gone.is_some_and(|(s, e)| *s == owner.server_id && owner.epoch <= e) {
+        return offline(store, cmd, now).await;
+    }
+    let same = Some(owner.server_id.as_str()) == cmd.server_id.as_deref()
+        && Some(owner.epoch) == cmd.epoch;
+    if !same && cmd.hops > 0 {
+        return offline(store, cmd, now).await;
+    }
+    let mut t = Transition::to(Status::Dispatched)
+        .detail(format!("{} epoch {}", owner.server_id, owner.epoch))
+        .guard(field::SERVER_ID, cmd.server_id.clone().unwrap_or_default())
+        .guard(
+            field::EPOCH,
+            cmd.epoch.map(|e| e.to_string()).unwrap_or_default(),
+        );
+    let hops = if same {
+        t = t
+            .from(&[Status::Dispatched, Status::Sent])
+            .reason("redispatch");
+        cmd.hops
+    } else {
+        t = t
             .from(&[Status::Dispatched, Status::Sent, Status::Queued])
             .reason(reason)
-            .detail(format!("{} epoch {}", owner.server_id, owner.epoch))
+            .guard(field::HOPS, cmd.hops)
             .set(field::SERVER_ID, &owner.server_id)
             .set(field::EPOCH, owner.epoch)
-            .set(field::HOPS, 1);
-        if store.transition(&cmd.id, &t, now).await?.is_none() {
-            return Ok(cmd);
-        }
-        store
-            .set_deadline(
-                &cmd.id,
-                now + crate::metrics::ms(store.settings().stuck_after()),
-            )
-            .await?;
-        let receivers =
-            publish(store, &owner.server_id, &dispatch_of(&cmd, owner.epoch, 1)).await?;
-        if receivers > 0 {
-            return Ok(Command {
-                status: Status::Dispatched,
-                server_id: Some(owner.server_id.to_string()),
-                epoch: Some(owner.epoch),
-                hops: 1,
-                ..cmd
-            });
-        }
+            .set(field::HOPS, cmd.hops.saturating_add(1));
+        cmd.hops.saturating_add(1)
+    };
+    if store.transition(&cmd.id, &t, now).await?.is_none() {
+        // Decided or moved on meanwhile (another forward won).
+        return Ok(cmd);
     }
-    offline(store, cmd, now).await
+    store
+        .set_deadline(
+            &cmd.id,
+            now + crate::metrics::ms(store.settings().stuck_after()),
+        )
+        .await?;
+    let receivers = publish(
+        store,
+        &owner.server_id,
+        &dispatch_of(&cmd, owner.epoch, hops),
+    )
+    .await?;
+    let moved = Command {
+        status: Status::Dispatched,
+        server_id: Some(owner.server_id.to_string()),
+        epoch: Some(owner.epoch),
+        hops,
+        ..cmd
+    };
+    if receivers > 0 {
+        return Ok(moved);
+    }
+    offline(store, moved, now).await
 }
 
 /// Puts the commands of a connection that went away back at the head of
 /// their device's queue, in the given order (oldest first), so that they are
 /// delivered first when the device is back. `items` are `(id, expires_at_ms)`;
-/// each must be dispatched, sent or queued to this caller: one already
-/// terminal (or moved on) is left alone, one whose time-to-live has passed
-/// ends `expired`. Returns the ids put back.
+/// each must be queued, or dispatched or sent to `by` (the connection that
+/// reports, as in [`Transition::by`]): one already terminal (or moved on)
+/// is left alone, one whose time-to-live has passed ends `expired`. Returns
+/// the ids put back.
 ///
 /// The queue cap is not applied: these commands were accepted before and
 /// keep their place. Nobody is nudged: the caller knows whether the device
@@ -250,55 +300,69 @@ pub async fn requeue(
     phy: &PhyId,
     items: &[(Uuid, i64)],
     reason: &str,
+    by: Option<(&str, u64)>,
     now: i64,
 ) -> redis::RedisResult<Vec<Uuid>> {
     let mut back = Vec::with_capacity(items.len());
     for &(id, expires_at_ms) in items {
         if now >= expires_at_ms {
-            let t = Transition::to(Status::Expired);
+            let t = with_by(Transition::to(Status::Expired), by);
             store.transition(&id, &t, now).await?;
             continue;
         }
         let t = Transition::to(Status::Queued)
             .from(&[Status::Dispatched, Status::Sent, Status::Queued])
             .reason(reason);
-        if store.transition(&id, &t, now).await?.is_some() {
+        if store.transition(&id, &with_by(t, by), now).await?.is_some() {
             back.push((id, expires_at_ms));
         }
     }
-    let ids: Vec<Uuid> = back.iter().map(|(id, _)| *id).collect();
-    store.requeue_front(phy, &ids).await?;
+    store.requeue_front(phy, &back, now).await?;
     for (id, expires_at_ms) in &back {
         store.set_deadline(id, *expires_at_ms).await?;
     }
-    Ok(ids)
+    Ok(back.into_iter().map(|(id, _)| id).collect())
+}
+
+fn with_by(t: Transition, by: Option<(&str, u64)>) -> Transition {
+    match by {
+        Some((server, epoch)) => t.by(server, epoch),
+        None => t,
+    }
 }
 
 /// Moves a command that reached its device's connection while the device
 /// was not subscribed to its topic to the tail of the device's queue, to be
 /// delivered after a matching SUBSCRIBE; a full queue fails it
-/// (`queue_full`). Returns the command's status afterwards, or `None` when
-/// it was not dispatched, sent or queued any more (left alone).
+/// (`queue_full`). `by` is the reporting connection (see
+/// [`Transition::by`]). `decide_at` is when the sweeper looks at it: its
+/// expiry for a command that may wait, the end of the subscription grace
+/// for one that may not (the sweeper then fails it with `no_subscription`
+/// if it is still in the queue). Returns the command's status afterwards,
+/// or `None` when it was not dispatched, sent or queued any more (left
+/// alone).
 ///
 /// Like [`requeue`], nobody is nudged.
+#[allow(clippy::too_many_arguments)]
 pub async fn park(
     store: &CommandStore,
     phy: &PhyId,
     id: &Uuid,
     expires_at_ms: i64,
+    decide_at: i64,
     reason: &str,
+    by: Option<(&str, u64)>,
     now: i64,
 ) -> redis::RedisResult<Option<Status>> {
     if now >= expires_at_ms {
-        let done = store
-            .transition(id, &Transition::to(Status::Expired), now)
-            .await?;
+        let t = with_by(Transition::to(Status::Expired), by);
+        let done = store.transition(id, &t, now).await?;
         return Ok(done.map(|_| Status::Expired));
     }
     let t = Transition::to(Status::Queued)
         .from(&[Status::Dispatched, Status::Sent, Status::Queued])
         .reason(reason);
-    if store.transition(id, &t, now).await?.is_none() {
+    if store.transition(id, &with_by(t, by), now).await?.is_none() {
         return Ok(None);
     }
     if !store.enqueue(phy, id, expires_at_ms, now).await? {
@@ -306,6 +370,6 @@ pub async fn park(
         store.transition(id, &t, now).await?;
         return Ok(Some(Status::Failed));
     }
-    store.set_deadline(id, expires_at_ms).await?;
+    store.set_deadline(id, decide_at.min(expires_at_ms)).await?;
     Ok(Some(Status::Queued))
 }

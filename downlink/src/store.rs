@@ -3,9 +3,27 @@
 //!
 //! A record is the hash `command:{id}` with its change log `command:{id}:log`
 //! (same hash slot); state changes go through one Lua script that refuses to
-//! leave a terminal state, so concurrent reporters (the owning ingest, the
-//! sweeper) cannot overwrite each other's verdict. Every change is also
-//! appended to `stream:commands`, which the archiver writes to PostgreSQL.
+//! leave a terminal state, refuses a verdict from a connection the command
+//! is no longer dispatched to (stale), and checks guards such as "not
+//! forwarded yet", so concurrent reporters (the owning ingest, an old owner,
+//! the sweeper) cannot overwrite each other's verdict. Each change gets its
+//! place in the log (`seq`, from 1) in the same script.
+//!
+//! Every change is also appended to `stream:commands`, which the archiver
+//! writes to the PostgreSQL command log keyed by (command id, `seq`), so a
+//! change appended twice is stored once and two changes in one millisecond
+//! stay two. The append is a second step after the script, not part of it:
+//! `stream:commands` is one stream for all commands, in a hash slot of its
+//! own, while a command's keys are tagged with its id (see
+//! [`iot_core::Keys`]); one script touching both would break on Redis
+//! Cluster. The gap: a process that dies between the two steps leaves that
+//! change in the record's log (and `GET /api/commands/{id}`) but not in the
+//! PostgreSQL command log. The counts of open commands and the deadline
+//! removal of a terminal change share that second step.
+//!
+//! Expiries that cover several commands (a device's offline queue and its
+//! command history) only ever grow: a short-lived command never shortens
+//! the life of a longer-lived one queued or listed before it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -92,8 +110,77 @@ pub struct Transition {
     pub reason: Option<String>,
     /// Detail for the log (instance and epoch, ...).
     pub detail: Option<String>,
+    /// The connection deciding (instance, epoch): while the command is
+    /// dispatched or sent, it must be dispatched to that instance with
+    /// that epoch or an older one of the device, else the change is
+    /// refused as stale.
+    pub by: Option<(String, u64)>,
+    /// Fields that must have these values (`""`: missing) for the change.
+    pub guards: Vec<(&'static str, String)>,
     /// Extra fields to set.
     pub set: Vec<(&'static str, String)>,
+}
+
+/// Why a transition was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such record (expired, or never created).
+    Unknown,
+    /// Its fate is decided already.
+    Terminal,
+    /// Not in one of the allowed statuses.
+    NotAllowed,
+    /// From a connection the command is no longer dispatched to.
+    Stale,
+    /// A guard did not hold (it was forwarded already, moved on, ...).
+    Guard,
+}
+
+impl Refusal {
+    /// snake_case name (metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Terminal => "terminal",
+            Self::NotAllowed => "not_allowed",
+            Self::Stale => "stale",
+            Self::Guard => "guard",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "unknown" => Self::Unknown,
+            "terminal" => Self::Terminal,
+            "stale" => Self::Stale,
+            "guard" => Self::Guard,
+            _ => Self::NotAllowed,
+        }
+    }
+}
+
+/// What became of a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Made: the status before, and the change's place in the log.
+    Applied {
+        /// The status before the change.
+        prev: Status,
+        /// The change's place in the command's log, from 1.
+        seq: u64,
+    },
+    /// Not made, and why.
+    Refused(Refusal),
+}
+
+impl Outcome {
+    /// The status before, if the change was made.
+    pub fn applied(self) -> Option<Status> {
+        match self {
+            Self::Applied { prev, .. } => Some(prev),
+            Self::Refused(_) => None,
+        }
+    }
 }
 
 impl Transition {
@@ -104,8 +191,23 @@ impl Transition {
             from: Vec::new(),
             reason: None,
             detail: None,
+            by: None,
+            guards: Vec::new(),
             set: Vec::new(),
         }
+    }
+
+    /// Decided by the connection of `server` with `epoch` (see
+    /// [`Transition::by`]).
+    pub fn by(mut self, server: impl Into<String>, epoch: u64) -> Self {
+        self.by = Some((server.into(), epoch));
+        self
+    }
+
+    /// Only while `field` has `value` (`""`: while it is missing).
+    pub fn guard(mut self, field: &'static str, value: impl ToString) -> Self {
+        self.guards.push((field, value.to_string()));
+        self
     }
 
     /// Only from these statuses.
@@ -142,6 +244,7 @@ pub struct CommandStore {
     transition: Script,
     lease: Script,
     enqueue: Script,
+    requeue: Script,
 }
 
 impl std::fmt::Debug for CommandStore {
@@ -168,6 +271,9 @@ pub struct NewCommand {
     pub queue_if_offline: bool,
 }
 
+/// A record's fields as HGETALL returns them (binary-safe).
+type Fields = HashMap<String, Vec<u8>>;
+
 fn ms(d: Duration) -> i64 {
     iot_core::config::millis(d)
 }
@@ -182,6 +288,7 @@ impl CommandStore {
             transition: Script::new(include_str!("lua/transition.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
             enqueue: Script::new(include_str!("lua/enqueue.lua")),
+            requeue: Script::new(include_str!("lua/requeue.lua")),
         }
     }
 
@@ -223,6 +330,7 @@ impl CommandStore {
             .map(|(s, e)| format!("{s} epoch {e}"))
             .unwrap_or_default();
         let change = Change {
+            seq: 1,
             status,
             at_ms: now,
             reason: reason.unwrap_or_default().to_owned(),
@@ -285,7 +393,18 @@ impl CommandStore {
             .arg(0)
             .arg(-1001)
             .ignore();
-        pipe.cmd("PEXPIRE").arg(&history).arg(keep).ignore();
+        // The set lists older commands too: extend its life, never shorten
+        // it (NX sets it on a fresh set, GT only lengthens it; Redis 7.0).
+        pipe.cmd("PEXPIRE")
+            .arg(&history)
+            .arg(keep)
+            .arg("NX")
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&history)
+            .arg(keep)
+            .arg("GT")
+            .ignore();
         let expires = expires_at_ms.to_string();
         let created = [
             ("phy_id", new.phy_id.as_str().as_bytes()),
@@ -296,6 +415,7 @@ impl CommandStore {
         self.log_change(
             &mut pipe,
             &id,
+            1,
             status,
             reason.unwrap_or_default(),
             &detail,
@@ -328,14 +448,26 @@ impl CommandStore {
     }
 
     /// Applies `t` to command `id` at `now`. Returns the previous status if
-    /// the change was made, `None` if it was not allowed (unknown command,
-    /// terminal already, or not in one of `t.from`).
+    /// the change was made, `None` if it was not (see
+    /// [`transition_checked`](Self::transition_checked) for why).
     pub async fn transition(
         &self,
         id: &Uuid,
         t: &Transition,
         now: i64,
     ) -> redis::RedisResult<Option<Status>> {
+        Ok(self.transition_checked(id, t, now).await?.applied())
+    }
+
+    /// Applies `t` to command `id` at `now`: whether it was made, and if
+    /// not, why (unknown command, terminal already, not in one of `t.from`,
+    /// stale, a guard).
+    pub async fn transition_checked(
+        &self,
+        id: &Uuid,
+        t: &Transition,
+        now: i64,
+    ) -> redis::RedisResult<Outcome> {
         let from = if t.from.is_empty() {
             "*".to_owned()
         } else {
@@ -345,6 +477,7 @@ impl CommandStore {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let (by_server, by_epoch) = t.by.as_ref().map_or(("", 0), |(s, e)| (s.as_str(), *e));
         let mut inv = self.transition.prepare_invoke();
         inv.key(self.keys.command(id))
             .key(self.keys.command_log(id))
@@ -352,18 +485,28 @@ impl CommandStore {
             .arg(from)
             .arg(now)
             .arg(t.reason.as_deref().unwrap_or_default())
-            .arg(t.detail.as_deref().unwrap_or_default());
+            .arg(t.detail.as_deref().unwrap_or_default())
+            .arg(by_server)
+            .arg(by_epoch)
+            .arg(t.guards.len());
+        for (k, v) in &t.guards {
+            inv.arg(*k).arg(v);
+        }
         for (k, v) in &t.set {
             inv.arg(*k).arg(v);
         }
-        let prev: Option<String> = inv.invoke_async(&mut self.redis.get()).await?;
-        let Some(prev) = prev.as_deref().and_then(Status::parse) else {
-            return Ok(None);
+        let (made, what, seq): (i64, String, u64) = inv.invoke_async(&mut self.redis.get()).await?;
+        if made != 1 {
+            return Ok(Outcome::Refused(Refusal::parse(&what)));
+        }
+        let Some(prev) = Status::parse(&what) else {
+            return Ok(Outcome::Refused(Refusal::NotAllowed));
         };
         let mut pipe = redis::pipe();
         self.log_change(
             &mut pipe,
             id,
+            seq,
             t.to,
             t.reason.as_deref().unwrap_or_default(),
             t.detail.as_deref().unwrap_or_default(),
@@ -390,7 +533,7 @@ impl CommandStore {
                 });
             crate::metrics::terminal(t.to, roundtrip);
         }
-        Ok(Some(prev))
+        Ok(Outcome::Applied { prev, seq })
     }
 
     /// Moves one command from `from` to `to` in the counts of open
@@ -430,13 +573,15 @@ impl CommandStore {
     }
 
     /// Appends a state change to `stream:commands` (what the archiver
-    /// writes to the PostgreSQL command log); `extra` carries the creating
-    /// change's device, name, payload and expiry.
+    /// writes to the PostgreSQL command log, keyed by id and `seq`);
+    /// `extra` carries the creating change's device, name, payload and
+    /// expiry.
     #[allow(clippy::too_many_arguments)]
     fn log_change(
         &self,
         pipe: &mut redis::Pipeline,
         id: &Uuid,
+        seq: u64,
         status: Status,
         reason: &str,
         detail: &str,
@@ -451,7 +596,9 @@ impl CommandStore {
         for (k, v) in extra {
             cmd.arg(*k).arg(*v);
         }
-        cmd.arg("status")
+        cmd.arg("seq")
+            .arg(seq)
+            .arg("status")
             .arg(status.as_str())
             .arg("reason")
             .arg(reason)
@@ -507,6 +654,36 @@ impl CommandStore {
         Ok(all.iter().filter_map(Command::from_fields).collect())
     }
 
+    /// Several records with their change logs (missing ones skipped), in
+    /// the order of `ids`.
+    pub async fn get_many_with_history(
+        &self,
+        ids: &[Uuid],
+    ) -> redis::RedisResult<Vec<(Command, Vec<Change>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(self.keys.command(id));
+            pipe.cmd("LRANGE")
+                .arg(self.keys.command_log(id))
+                .arg(0)
+                .arg(-1);
+        }
+        let all: Vec<(Fields, Vec<String>)> = pipe.query_async(&mut self.redis.get()).await?;
+        Ok(all
+            .iter()
+            .filter_map(|(f, log)| {
+                let changes = log
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Change>(l).ok())
+                    .collect();
+                Some((Command::from_fields(f)?, changes))
+            })
+            .collect())
+    }
+
     /// A device's commands, newest first, created before `before_ms`.
     pub async fn list_for_device(
         &self,
@@ -549,18 +726,27 @@ impl CommandStore {
         Ok(added == 1)
     }
 
-    /// Puts ids back at the head of the device's queue, keeping their order
-    /// (used when a connection closes with commands not yet acknowledged).
-    pub async fn requeue_front(&self, phy: &PhyId, ids: &[Uuid]) -> redis::RedisResult<()> {
-        if ids.is_empty() {
+    /// Puts commands back at the head of the device's queue, keeping their
+    /// order (used when a connection closes with commands not yet
+    /// acknowledged); `items` are `(id, expires_at_ms)`, oldest first. The
+    /// queue's expiry grows to cover the longest-lived of them.
+    pub async fn requeue_front(
+        &self,
+        phy: &PhyId,
+        items: &[(Uuid, i64)],
+        now: i64,
+    ) -> redis::RedisResult<()> {
+        let Some(last) = items.iter().map(|(_, e)| *e).max() else {
             return Ok(());
+        };
+        let mut inv = self.requeue.prepare_invoke();
+        inv.key(self.keys.downlink_queue(phy))
+            .arg(self.record_ttl_ms(last, now));
+        for (id, _) in items {
+            inv.arg(id.to_string());
         }
-        let mut cmd = redis::cmd("LPUSH");
-        cmd.arg(self.keys.downlink_queue(phy));
-        for id in ids.iter().rev() {
-            cmd.arg(id.to_string());
-        }
-        cmd.query_async::<()>(&mut self.redis.get()).await
+        inv.invoke_async::<i64>(&mut self.redis.get()).await?;
+        Ok(())
     }
 
     /// Takes up to `n` ids from the head of the device's queue and returns
@@ -579,14 +765,16 @@ impl CommandStore {
         self.get_many(&ids).await
     }
 
-    /// Removes `id` from the device's queue (when it expired there).
-    pub async fn dequeue(&self, phy: &PhyId, id: &Uuid) -> redis::RedisResult<()> {
+    /// Removes `id` from the device's queue (when it expired there);
+    /// returns whether it was there (a drain may have taken it first).
+    pub async fn dequeue(&self, phy: &PhyId, id: &Uuid) -> redis::RedisResult<bool> {
         redis::cmd("LREM")
             .arg(self.keys.downlink_queue(phy))
             .arg(0)
             .arg(id.to_string())
-            .query_async(&mut self.redis.get())
+            .query_async::<u64>(&mut self.redis.get())
             .await
+            .map(|n| n > 0)
     }
 
     /// Length of the device's queue.

@@ -30,8 +30,12 @@ pub enum Action {
     Expired,
     /// Still waiting; looked at again later.
     Rescheduled,
-    /// Stuck where it was dispatched: forwarded, queued or failed.
+    /// Stuck where it was dispatched: forwarded, dispatched again, queued
+    /// or failed.
     Rerouted,
+    /// Parked for a device that did not subscribe within its grace:
+    /// failed (`no_subscription`).
+    Failed,
 }
 
 /// Looks at every due command once; returns how many it handled.
@@ -74,12 +78,27 @@ async fn sweep_one(store: &CommandStore, id: &uuid::Uuid, now: i64) -> redis::Re
             store.set_deadline(id, now + 1000).await?;
             Ok(Action::Rescheduled)
         }
+        // Parked for a device that had not subscribed yet although the
+        // command may not wait (see `route::park`): its grace is over.
+        Status::Queued if !cmd.queue_if_offline => {
+            if store.dequeue(&cmd.phy_id, id).await? {
+                let t = Transition::to(Status::Failed)
+                    .from(&[Status::Queued])
+                    .reason(crate::FailReason::NoSubscription.as_str());
+                if store.transition(id, &t, now).await?.is_some() {
+                    return Ok(Action::Failed);
+                }
+            }
+            // A drain took it meanwhile: it is being delivered.
+            store.set_deadline(id, now + 1000).await?;
+            Ok(Action::Rescheduled)
+        }
         Status::Queued => {
             store.set_deadline(id, cmd.expires_at_ms).await?;
             Ok(Action::Rescheduled)
         }
         Status::Dispatched | Status::Sent if now >= stuck_at => {
-            let after = route::forward(store, cmd, "owner_lost").await?;
+            let after = route::forward(store, cmd, "owner_lost", None).await?;
             if !after.status.is_terminal() {
                 let next = match after.status {
                     Status::Queued => after.expires_at_ms,

@@ -48,7 +48,47 @@ fn new(p: &str, queue: bool, ttl: Option<Duration>) -> NewCommand {
     }
 }
 
+/// The next control message on a subscribed channel.
+async fn next_control(pubsub: &mut redis::aio::PubSub) -> Control {
+    let msg = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    let payload: Vec<u8> = msg.get_payload().expect("payload");
+    Control::decode(&payload).expect("decode")
+}
+
 /// Makes `phy` look connected to `server` with `epoch`.
+/// Waits until nobody listens on `server`'s channel (a dropped Pub/Sub
+/// connection unsubscribes when Redis notices it closed, not at once).
+async fn no_listener(redis: &RedisServer, store: &CommandStore, server: &str) {
+    let channel = store
+        .keys()
+        .downlink_channel(&ServerId::new(server).expect("id"));
+    let client = redis::Client::open(redis.url()).expect("client");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    eventually(Duration::from_secs(5), "no listener on the channel", || {
+        let mut conn = conn.clone();
+        let channel = channel.clone();
+        async move {
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            match counts.first() {
+                Some((_, 0)) | None => Ok(()),
+                Some((_, n)) => Err(format!("{n} listening")),
+            }
+        }
+    })
+    .await;
+}
+
 async fn connect(store: &CommandStore, p: &str, server: &str, epoch: u64) {
     let owner = Owner {
         server_id: ServerId::new(server).expect("server"),
@@ -121,8 +161,9 @@ async fn offline_with_queue_waits_in_order_until_full() {
     let taken = store.take_queued(&phy("d-2"), 10).await.expect("take");
     assert_eq!(taken.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
     // Putting them back keeps the order.
+    let back: Vec<_> = taken[1..].iter().map(|c| (c.id, c.expires_at_ms)).collect();
     store
-        .requeue_front(&phy("d-2"), &ids[1..])
+        .requeue_front(&phy("d-2"), &back, iot_core::time::now_ms())
         .await
         .expect("requeue");
     let again = store.take_queued(&phy("d-2"), 10).await.expect("take");
@@ -292,6 +333,7 @@ async fn sweeper_expires_queued_commands_and_reroutes_stuck_ones() {
         .expect("submit");
     assert_eq!(stuck.status, Status::Dispatched);
     drop(pubsub);
+    no_listener(&redis, &store, "srv-b").await;
     // The device reconnected to srv-c meanwhile: the command follows it once.
     connect(&store, "d-7", "srv-c", 4).await;
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
@@ -309,8 +351,33 @@ async fn sweeper_expires_queued_commands_and_reroutes_stuck_ones() {
     assert_eq!(read.status, Status::Dispatched);
     assert_eq!(read.server_id.as_deref(), Some("srv-c"));
     assert_eq!(read.hops, 1);
-    // srv-c never answers either: no second forward; it waits in the queue.
+    // srv-c lives, holds the device with that epoch, and never answered
+    // (a report or the message was lost): dispatched there again, which is
+    // not a second hop.
     sweeper::sweep_once(&store, later + 20_000)
+        .await
+        .expect("sweep");
+    let (read, log) = store
+        .get_with_history(&stuck.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(read.status, Status::Dispatched);
+    assert_eq!(read.server_id.as_deref(), Some("srv-c"));
+    assert_eq!(read.hops, 1);
+    assert_eq!(log.last().map(|c| c.reason.as_str()), Some("redispatch"));
+    match next_control(&mut pubsub).await {
+        Control::Command(d) => assert_eq!((d.id, d.epoch, d.hops), (stuck.id, 4, 1)),
+        other => panic!("unexpected {other:?}"),
+    }
+    match next_control(&mut pubsub).await {
+        Control::Command(d) => assert_eq!((d.id, d.epoch, d.hops), (stuck.id, 4, 1)),
+        other => panic!("unexpected {other:?}"),
+    }
+    // srv-c stops listening: no second forward; it waits in the queue.
+    drop(pubsub);
+    no_listener(&redis, &store, "srv-c").await;
+    sweeper::sweep_once(&store, later + 40_000)
         .await
         .expect("sweep");
     let read = store.get(&stuck.id).await.expect("get").expect("exists");
@@ -375,7 +442,7 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
         .iter()
         .map(|c| (c.id, c.expires_at_ms))
         .collect();
-    let back = route::requeue(&store, &phy("d-rq"), &items, "device_gone", now)
+    let back = route::requeue(&store, &phy("d-rq"), &items, "device_gone", None, now)
         .await
         .expect("requeue");
     assert_eq!(back, [sent[0].id, sent[1].id], "terminal ones left alone");
@@ -396,6 +463,7 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
         .id;
     let queue = store.take_queued(&phy("d-rq"), 10).await.expect("take");
     let order: Vec<_> = queue.iter().map(|c| c.id).collect();
+    let order_items: Vec<_> = queue.iter().map(|c| (c.id, c.expires_at_ms)).collect();
     assert_eq!(order, [sent[0].id, sent[1].id, older], "requeued in front");
 
     // Park goes to the tail.
@@ -415,34 +483,51 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
         &phy("d-rq"),
         &parked.id,
         parked.expires_at_ms,
+        parked.expires_at_ms,
         "no_subscription",
+        None,
         now,
     )
     .await
     .expect("park");
     assert_eq!(status, Some(Status::Queued));
     store
-        .requeue_front(&phy("d-rq"), &order)
+        .requeue_front(&phy("d-rq"), &order_items, now)
         .await
         .expect("back");
     let queue = store.take_queued(&phy("d-rq"), 10).await.expect("take");
     let all: Vec<_> = queue.iter().map(|c| c.id).collect();
+    let all_items: Vec<_> = queue.iter().map(|c| (c.id, c.expires_at_ms)).collect();
     assert_eq!(all, [sent[0].id, sent[1].id, older, parked.id]);
     let got = store.get(&parked.id).await.expect("get").expect("record");
     assert_eq!(got.reason.as_deref(), Some("no_subscription"));
 
     // Parking a terminal command does nothing; a full queue fails it.
-    let again = route::park(&store, &phy("d-rq"), &sent[2].id, i64::MAX, "x", now)
-        .await
-        .expect("park");
+    let again = route::park(
+        &store,
+        &phy("d-rq"),
+        &sent[2].id,
+        i64::MAX,
+        i64::MAX,
+        "x",
+        None,
+        now,
+    )
+    .await
+    .expect("park");
     assert_eq!(again, None);
-    store.requeue_front(&phy("d-rq"), &all).await.expect("back");
+    store
+        .requeue_front(&phy("d-rq"), &all_items, now)
+        .await
+        .expect("back");
     let status = route::park(
         &store,
         &phy("d-rq"),
         &parked.id,
         parked.expires_at_ms,
+        parked.expires_at_ms,
         "no_subscription",
+        None,
         now,
     )
     .await
@@ -450,4 +535,223 @@ async fn requeue_puts_commands_back_in_front_in_order_and_park_at_the_tail() {
     assert_eq!(status, Some(Status::Failed));
     let got = store.get(&parked.id).await.expect("get").expect("record");
     assert_eq!(got.reason.as_deref(), Some("queue_full"));
+}
+
+async fn pttl(store: &CommandStore, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut store.redis().get())
+        .await
+        .expect("PTTL")
+}
+
+#[tokio::test]
+async fn the_queue_and_history_expiries_only_ever_grow() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let p = phy("d-exp");
+    let queue = store.keys().downlink_queue(&p);
+    let history = store.keys().device_commands(&p);
+    let long = route::submit(&store, new("d-exp", true, Some(Duration::from_secs(3600))))
+        .await
+        .expect("submit");
+    assert_eq!(long.status, Status::Queued);
+    // A short-lived command after it must not shorten the life of the
+    // queue or the history that hold the long one (1 h + 60 s retention).
+    let short = route::submit(&store, new("d-exp", true, Some(Duration::from_millis(100))))
+        .await
+        .expect("submit");
+    assert_eq!(short.status, Status::Queued);
+    for key in [&queue, &history] {
+        let left = pttl(&store, key).await;
+        assert!(left > 3_600_000, "{key} expires in {left} ms");
+    }
+    // Taken out (the list is gone), then put back: the fresh list gets the
+    // expiry of its longest-lived command, not none.
+    let taken = store.take_queued(&p, 10).await.expect("take");
+    assert_eq!(taken.len(), 2);
+    assert_eq!(pttl(&store, &queue).await, -2, "empty: gone");
+    let items: Vec<_> = taken.iter().map(|c| (c.id, c.expires_at_ms)).collect();
+    store
+        .requeue_front(&p, &items, iot_core::time::now_ms())
+        .await
+        .expect("requeue");
+    let left = pttl(&store, &queue).await;
+    assert!(left > 3_600_000, "requeued list expires in {left} ms");
+    let again = store.take_queued(&p, 10).await.expect("take");
+    assert_eq!(
+        again.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [long.id, short.id]
+    );
+}
+
+#[tokio::test]
+async fn verdicts_of_a_connection_the_command_left_are_refused_as_stale() {
+    use iot_downlink::{Outcome, Refusal};
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let now = iot_core::time::now_ms();
+    let c = store
+        .create(
+            uuid::Uuid::now_v7(),
+            &new("d-st", false, None),
+            Status::Dispatched,
+            None,
+            Some(("srv-b", 3)),
+            now,
+        )
+        .await
+        .expect("create");
+    let sent = |by: &str, epoch| {
+        Transition::to(Status::Sent)
+            .from(&[Status::Dispatched])
+            .by(by, epoch)
+    };
+    for (by, epoch) in [("srv-a", 3), ("srv-b", 2)] {
+        assert_eq!(
+            store
+                .transition_checked(&c.id, &sent(by, epoch), now)
+                .await
+                .expect("t"),
+            Outcome::Refused(Refusal::Stale),
+            "{by} epoch {epoch}"
+        );
+    }
+    // A newer connection of the device on the owner instance may take it.
+    let t = sent("srv-b", 4).set(field::EPOCH, 4);
+    assert_eq!(
+        store.transition_checked(&c.id, &t, now).await.expect("t"),
+        Outcome::Applied {
+            prev: Status::Dispatched,
+            seq: 2
+        }
+    );
+    // An old owner's timeout or ack changes nothing...
+    for to in [Status::TimedOut, Status::Acked] {
+        let t = Transition::to(to).by("srv-a", 9);
+        assert_eq!(
+            store.transition_checked(&c.id, &t, now).await.expect("t"),
+            Outcome::Refused(Refusal::Stale)
+        );
+        let t = Transition::to(to).by("srv-b", 3);
+        assert_eq!(
+            store.transition_checked(&c.id, &t, now).await.expect("t"),
+            Outcome::Refused(Refusal::Stale),
+            "older than the epoch it was sent with"
+        );
+    }
+    // ...and a guard that does not hold neither.
+    let t = Transition::to(Status::Dispatched).guard(field::HOPS, 1);
+    assert_eq!(
+        store.transition_checked(&c.id, &t, now).await.expect("t"),
+        Outcome::Refused(Refusal::Guard)
+    );
+    // Two changes with the same status in the same millisecond are two.
+    let retransmit = Transition::to(Status::Sent)
+        .from(&[Status::Sent])
+        .by("srv-b", 4);
+    for seq in [3, 4] {
+        assert_eq!(
+            store
+                .transition_checked(&c.id, &retransmit, now)
+                .await
+                .expect("t"),
+            Outcome::Applied {
+                prev: Status::Sent,
+                seq
+            }
+        );
+    }
+    let t = Transition::to(Status::Acked).by("srv-b", 4);
+    assert!(store.transition(&c.id, &t, now).await.expect("t").is_some());
+    let (read, log) = store
+        .get_with_history(&c.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(read.status, Status::Acked);
+    assert_eq!(
+        log.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    // The change stream carries the same places.
+    let entries: Vec<redis::streams::StreamId> = {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(store.keys().command_events())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut store.redis().get())
+            .await
+            .expect("XRANGE");
+        r.ids
+    };
+    let seqs: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.get::<String>("seq"))
+        .collect();
+    assert_eq!(seqs, ["1", "2", "3", "4", "5"]);
+}
+
+#[tokio::test]
+async fn a_command_is_forwarded_once_even_by_two_forwarders_at_once() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let now = iot_core::time::now_ms();
+    // Dispatched to srv-old epoch 1; the device is on srv-new epoch 2.
+    let c = store
+        .create(
+            uuid::Uuid::now_v7(),
+            &new("d-fw", false, None),
+            Status::Dispatched,
+            None,
+            Some(("srv-old", 1)),
+            now,
+        )
+        .await
+        .expect("create");
+    connect(&store, "d-fw", "srv-new", 2).await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-new").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    // A reporter (takeover) and the sweeper read the same record, both
+    // with hops 0, and forward at once.
+    let old = ServerId::new("srv-old").expect("id");
+    let (a, b) = futures::join!(
+        route::forward(&store, c.clone(), "takeover", Some((&old, 1))),
+        route::forward(&store, c.clone(), "owner_lost", None),
+    );
+    a.expect("forward");
+    b.expect("forward");
+    let (read, log) = store
+        .get_with_history(&c.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(read.hops, 1);
+    assert_eq!(read.server_id.as_deref(), Some("srv-new"));
+    assert_eq!(
+        log.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [Status::Dispatched, Status::Dispatched],
+        "one forward: {log:?}"
+    );
+    match next_control(&mut pubsub).await {
+        Control::Command(d) => assert_eq!((d.id, d.epoch, d.hops), (c.id, 2, 1)),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Later: the connection that reports it does not hold the device (the
+    // new owner itself) is not a place to send it again.
+    let read = store.get(&c.id).await.expect("get").expect("exists");
+    let new_owner = ServerId::new("srv-new").expect("id");
+    let after = route::forward(&store, read, "moved", Some((&new_owner, 2)))
+        .await
+        .expect("forward");
+    assert_eq!(after.status, Status::Failed);
+    assert_eq!(after.reason.as_deref(), Some("offline"));
 }

@@ -704,7 +704,7 @@ async fn process<P: DeviceProtocol>(
         }
     }
     if !effects.is_empty() {
-        apply(inst, proto, conn, effects, &mut out).await;
+        apply(inst, proto, conn, busy, effects, &mut out).await;
     }
     busy.rearm(inst.downlink.ack_timeout);
     count_held(held, busy.held());
@@ -768,7 +768,7 @@ async fn downlinks<P: DeviceProtocol>(
         held.tick(&mut step);
     }
     let mut out = BytesMut::new();
-    apply(inst, proto, conn, effects, &mut out).await;
+    apply(inst, proto, conn, busy, effects, &mut out).await;
     busy.rearm(inst.downlink.ack_timeout);
     count_held(held, busy.held());
     if !out.is_empty() && write_out(stream, &out).await.is_err() {
@@ -778,14 +778,45 @@ async fn downlinks<P: DeviceProtocol>(
 }
 
 /// Carries out downlink effects: PUBLISHes into `out`, reports to the
-/// reporter, events to the writer.
+/// reporter, events to the writer. A PUBLISH the protocol cannot encode is
+/// not reported sent: its command fails (`rejected`) and the next waiting
+/// one takes its place, which may be refused in turn.
 async fn apply<P: DeviceProtocol>(
+    inst: &Instance,
+    proto: &P,
+    conn: &Conn,
+    busy: &mut Busy,
+    mut effects: Vec<Effect>,
+    out: &mut BytesMut,
+) {
+    loop {
+        let rejected = apply_once(inst, proto, conn, effects, out).await;
+        if rejected.is_empty() {
+            return;
+        }
+        let Some(held) = busy.held_downlinks() else {
+            return;
+        };
+        effects = Vec::new();
+        let mut step = conn.step(inst, &mut effects);
+        for pkid in rejected {
+            held.reject(pkid, &mut step);
+        }
+    }
+}
+
+/// One pass of [`apply`]: returns the packet ids of the PUBLISHes that
+/// could not be encoded (their `Sent` reports, which follow them, are
+/// dropped).
+async fn apply_once<P: DeviceProtocol>(
     inst: &Instance,
     proto: &P,
     conn: &Conn,
     effects: Vec<Effect>,
     out: &mut BytesMut,
-) {
+) -> Vec<u16> {
+    let mut rejected = Vec::new();
+    let mut unsent = false;
     for effect in effects {
         match effect {
             Effect::Publish {
@@ -794,21 +825,28 @@ async fn apply<P: DeviceProtocol>(
                 name,
                 payload,
             } => {
-                if proto.write_downlink(&conn.phy, &name, &payload, pkid, dup, out) {
-                    crate::metrics::downlink_publish(dup);
+                unsent = !proto.write_downlink(&conn.phy, &name, &payload, pkid, dup, out);
+                if unsent {
+                    tracing::warn!(%name, pkid, "downlink cannot be encoded for the device; the command fails (rejected)");
+                    rejected.push(pkid);
                 } else {
-                    tracing::warn!(%name, pkid, "downlink cannot be encoded; not sent");
+                    crate::metrics::downlink_publish(dup);
                 }
             }
             Effect::Report(report) => {
+                if std::mem::take(&mut unsent) && matches!(report, Report::Sent { .. }) {
+                    continue;
+                }
                 count_outcome(&report);
                 inst.reporter.report(&conn.phy, conn.handle.epoch(), report);
             }
             Effect::Event(kind) => {
+                unsent = false;
                 inst.writer.event(conn.event(inst, kind)).await;
             }
         }
     }
+    rejected
 }
 
 /// Counts what a report decides about a command.

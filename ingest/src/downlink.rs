@@ -9,8 +9,12 @@
 //! connection has commands: an idle connection holds none of it.
 //!
 //! ```text
-//! offer -> expired?            -> expired
-//!       -> not subscribed?     -> queued again (queue_if_offline) or failed(no_subscription)
+//! offer -> held already?       -> where it stands is reported again (a re-dispatch)
+//!       -> expired?            -> expired
+//!       -> not subscribed?     -> queued again (queue_if_offline),
+//!                                 parked for a grace (it followed its device), or
+//!                                 failed(no_subscription)
+//!       -> waiting list full?  -> failed(queue_full)
 //!       -> inflight full?      -> waiting, in order
 //!       -> PUBLISH QoS 1       -> sent (attempts 1)
 //!            PUBACK            -> acked + `ack` event
@@ -47,6 +51,10 @@ pub struct Delivery {
     /// Taken from the device's offline queue (status queued), rather than
     /// dispatched to this connection (status dispatched).
     pub from_queue: bool,
+    /// It followed its device here (forwarded after a takeover or a lost
+    /// owner): the device has most likely just connected and may not have
+    /// subscribed yet.
+    pub followed: bool,
 }
 
 impl Delivery {
@@ -59,6 +67,7 @@ impl Delivery {
             expires_at_ms: d.expires_at_ms,
             queue_if_offline: d.queue_if_offline,
             from_queue: false,
+            followed: d.hops > 0,
         }
     }
 
@@ -71,6 +80,7 @@ impl Delivery {
             expires_at_ms: c.expires_at_ms,
             queue_if_offline: c.queue_if_offline,
             from_queue: true,
+            followed: false,
         }
     }
 }
@@ -94,14 +104,27 @@ pub struct Limits {
     pub ack_timeout: Duration,
     /// Commands sent and not yet acknowledged at once.
     pub max_inflight: usize,
+    /// Commands waiting for a place under the inflight limit at once
+    /// (`downlink.queue_max`, the same cap as the offline queue): more fail
+    /// with `queue_full`, so a device that does not keep up cannot make its
+    /// connection hold without bound.
+    pub max_waiting: usize,
+    /// How long a command that followed its device to this connection,
+    /// and may not wait in the offline queue, waits for the device to
+    /// subscribe before it fails with `no_subscription` (never past its
+    /// ttl). The ACK timeout: what a sender already waits for an answer.
+    pub subscribe_grace: Duration,
 }
 
 impl Limits {
     /// From the `downlink` config section.
     pub fn from_config(c: &iot_core::config::DownlinkConfig) -> Self {
+        let ack_timeout = c.ack_timeout.max(Duration::from_millis(10));
         Self {
-            ack_timeout: c.ack_timeout.max(Duration::from_millis(10)),
+            ack_timeout,
             max_inflight: (c.max_inflight as usize).max(1),
+            max_waiting: (c.queue_max as usize).max(1),
+            subscribe_grace: ack_timeout,
         }
     }
 }
@@ -165,6 +188,8 @@ struct Inflight {
     pkid: u16,
     d: Delivery,
     first_sent: Instant,
+    /// The first transmission, ms since the Unix epoch.
+    first_sent_ms: i64,
     attempts: u32,
 }
 
@@ -188,14 +213,26 @@ struct Waiting {
     since: Instant,
 }
 
+/// A command parked in the device's queue until the device subscribes
+/// (it followed the device here and may not wait otherwise): when its
+/// grace ends and it is still in the queue, it fails (`no_subscription`).
+#[derive(Debug)]
+struct Subscribing {
+    id: Uuid,
+    until: Instant,
+}
+
 /// The commands of one connection: sent and waiting for PUBACK, or waiting
-/// for a place under the inflight limit.
+/// for a place under the inflight limit, or parked until the device
+/// subscribes.
 #[derive(Debug, Default)]
 pub struct Downlinks {
     /// In the order they were sent.
     inflight: Vec<Inflight>,
     /// In arrival order.
     waiting: VecDeque<Waiting>,
+    /// Parked in the queue for a subscription, with the end of the grace.
+    subscribing: Vec<Subscribing>,
 }
 
 /// Why a command offered to a connection is not sent.
@@ -204,9 +241,9 @@ fn fails_name(name: &str) -> bool {
 }
 
 impl Downlinks {
-    /// Whether no command is held.
+    /// Whether no command is held (nor a subscription grace running).
     pub fn is_empty(&self) -> bool {
-        self.inflight.is_empty() && self.waiting.is_empty()
+        self.inflight.is_empty() && self.waiting.is_empty() && self.subscribing.is_empty()
     }
 
     /// Commands sent and not yet acknowledged.
@@ -231,6 +268,11 @@ impl Downlinks {
         // of the queue.
         let mut back: Vec<(Uuid, i64)> = Vec::new();
         for d in deliveries {
+            // Its grace ends here: it came back from the queue.
+            self.subscribing.retain(|s| s.id != d.id);
+            if self.restate(&d, step) {
+                continue;
+            }
             if step.now_ms >= d.expires_at_ms {
                 step.report(Report::Expired {
                     id: d.id,
@@ -243,15 +285,37 @@ impl Downlinks {
                     id: d.id,
                     reason: FailReason::Rejected,
                     at_ms: step.now_ms,
+                    only_queued: false,
                 });
                 continue;
             }
             if !listens(&d.name) {
-                if !d.queue_if_offline {
+                let grace = step.limits.subscribe_grace;
+                if !d.queue_if_offline && d.followed && !d.from_queue && !grace.is_zero() {
+                    // It followed its device, which has likely not
+                    // subscribed yet: wait in the queue for the SUBSCRIBE
+                    // (which drains it), for the grace at most.
+                    let fail_at_ms = step
+                        .now_ms
+                        .saturating_add(iot_core::config::millis(grace))
+                        .min(d.expires_at_ms);
+                    self.subscribing.push(Subscribing {
+                        id: d.id,
+                        until: step.now + grace,
+                    });
+                    step.report(Report::Park {
+                        id: d.id,
+                        name: d.name,
+                        expires_at_ms: d.expires_at_ms,
+                        fail_at_ms: Some(fail_at_ms),
+                        at_ms: step.now_ms,
+                    });
+                } else if !d.queue_if_offline {
                     step.report(Report::Failed {
                         id: d.id,
                         reason: FailReason::NoSubscription,
                         at_ms: step.now_ms,
+                        only_queued: false,
                     });
                 } else if d.from_queue {
                     back.push((d.id, d.expires_at_ms));
@@ -260,12 +324,22 @@ impl Downlinks {
                         id: d.id,
                         name: d.name,
                         expires_at_ms: d.expires_at_ms,
+                        fail_at_ms: None,
                         at_ms: step.now_ms,
                     });
                 }
                 continue;
             }
             if self.inflight.len() >= step.limits.max_inflight || !self.waiting.is_empty() {
+                if self.waiting.len() >= step.limits.max_waiting {
+                    step.report(Report::Failed {
+                        id: d.id,
+                        reason: FailReason::QueueFull,
+                        at_ms: step.now_ms,
+                        only_queued: false,
+                    });
+                    continue;
+                }
                 if !d.from_queue {
                     step.report(Report::Waiting {
                         id: d.id,
@@ -287,6 +361,31 @@ impl Downlinks {
         }
     }
 
+    /// A command held here already (dispatched again because a report or
+    /// its first dispatch seemed lost): nothing is sent twice, where it
+    /// stands is reported again. Returns whether it was held.
+    fn restate(&self, d: &Delivery, step: &mut Step<'_>) -> bool {
+        if let Some(f) = self.inflight.iter().find(|f| f.d.id == d.id) {
+            step.report(Report::Sent {
+                id: d.id,
+                attempts: f.attempts,
+                sent_at_ms: f.first_sent_ms,
+                at_ms: step.now_ms,
+            });
+            return true;
+        }
+        if self.waiting.iter().any(|w| w.d.id == d.id) {
+            if !d.from_queue {
+                step.report(Report::Waiting {
+                    id: d.id,
+                    at_ms: step.now_ms,
+                });
+            }
+            return true;
+        }
+        false
+    }
+
     fn send(&mut self, d: Delivery, step: &mut Step<'_>) {
         let pkid = loop {
             let id = step.pkids.next_pkid();
@@ -303,12 +402,14 @@ impl Downlinks {
         step.report(Report::Sent {
             id: d.id,
             attempts: 1,
+            sent_at_ms: step.now_ms,
             at_ms: step.now_ms,
         });
         self.inflight.push(Inflight {
             pkid,
             d,
             first_sent: step.now,
+            first_sent_ms: step.now_ms,
             attempts: 1,
         });
     }
@@ -372,14 +473,29 @@ impl Downlinks {
                     name: f.d.name.clone(),
                     payload: f.d.payload.clone(),
                 });
-                let (id, at_ms) = (f.d.id, step.now_ms);
+                let (id, sent_at_ms, at_ms) = (f.d.id, f.first_sent_ms, step.now_ms);
                 step.report(Report::Sent {
                     id,
                     attempts: 2,
+                    sent_at_ms,
                     at_ms,
                 });
             }
             i += 1;
+        }
+        let now = step.now;
+        let (over, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.subscribing)
+            .into_iter()
+            .partition(|s| now >= s.until);
+        self.subscribing = left;
+        for s in over {
+            // Still in the queue (no SUBSCRIBE drained it): it fails.
+            step.report(Report::Failed {
+                id: s.id,
+                reason: FailReason::NoSubscription,
+                at_ms: step.now_ms,
+                only_queued: true,
+            });
         }
         for w in &mut self.waiting {
             if !w.d.from_queue && step.now >= w.since + ack_timeout {
@@ -401,14 +517,36 @@ impl Downlinks {
             .iter()
             .filter(|w| !w.d.from_queue)
             .map(|w| w.since + ack_timeout);
-        inflight.chain(waiting).min()
+        let subscribing = self.subscribing.iter().map(|s| s.until);
+        inflight.chain(waiting).chain(subscribing).min()
+    }
+
+    /// The PUBLISH of packet `pkid` could not be encoded for the device
+    /// (the protocol refused it): the command fails (`rejected`) instead of
+    /// waiting for a PUBACK that cannot come, and the next waiting command
+    /// takes its place. Returns its id, or `None` if no command is in
+    /// flight with that packet id.
+    pub fn reject(&mut self, pkid: u16, step: &mut Step<'_>) -> Option<Uuid> {
+        let i = self.inflight.iter().position(|i| i.pkid == pkid)?;
+        let gone = self.inflight.remove(i);
+        step.report(Report::Failed {
+            id: gone.d.id,
+            reason: FailReason::Rejected,
+            at_ms: step.now_ms,
+            only_queued: false,
+        });
+        self.promote(step);
+        Some(gone.d.id)
     }
 
     /// The connection has ended: what becomes of its commands (those held
     /// here, then `unread`, mail that arrived too late), oldest first. After
     /// a takeover they follow the device to its new connection; otherwise
     /// they go back to the head of the queue (`queue_if_offline`, not
-    /// expired) or fail with `device_gone`.
+    /// expired) or fail with `device_gone`. Commands parked for a
+    /// subscription are in the queue already: the sweeper ends their grace
+    /// (see `iot_downlink::route::park`), or the device's next connection
+    /// drains them after subscribing.
     pub fn close(
         self,
         takeover: bool,
@@ -441,6 +579,7 @@ impl Downlinks {
                     id: d.id,
                     reason: FailReason::DeviceGone,
                     at_ms: now_ms,
+                    only_queued: false,
                 });
             }
         }
@@ -466,6 +605,8 @@ mod tests {
         Limits {
             ack_timeout: ACK,
             max_inflight,
+            max_waiting: 100,
+            subscribe_grace: ACK,
         }
     }
 
@@ -477,6 +618,7 @@ mod tests {
             expires_at_ms: 1_000_000,
             queue_if_offline: false,
             from_queue: false,
+            followed: false,
         }
     }
 
@@ -566,6 +708,7 @@ mod tests {
             [Report::Sent {
                 id: Uuid::from_u128(1),
                 attempts: 1,
+                sent_at_ms: 1000,
                 at_ms: 1000
             }]
         );
@@ -723,16 +866,19 @@ mod tests {
                     id: Uuid::from_u128(1),
                     name: "other".into(),
                     expires_at_ms: 1_000_000,
+                    fail_at_ms: None,
                     at_ms: 1000
                 },
                 Report::Failed {
                     id: Uuid::from_u128(2),
                     reason: FailReason::NoSubscription,
-                    at_ms: 1000
+                    at_ms: 1000,
+                    only_queued: false
                 },
                 Report::Sent {
                     id: Uuid::from_u128(4),
                     attempts: 1,
+                    sent_at_ms: 1000,
                     at_ms: 1000
                 },
                 Report::Expired {
@@ -742,7 +888,8 @@ mod tests {
                 Report::Failed {
                     id: Uuid::from_u128(7),
                     reason: FailReason::Rejected,
-                    at_ms: 1000
+                    at_ms: 1000,
+                    only_queued: false
                 },
                 Report::Requeue {
                     items: vec![
@@ -792,7 +939,8 @@ mod tests {
                 Report::Failed {
                     id: Uuid::from_u128(2),
                     reason: FailReason::DeviceGone,
-                    at_ms: 2000
+                    at_ms: 2000,
+                    only_queued: false
                 },
                 Report::Expired {
                     id: Uuid::from_u128(5),
@@ -820,5 +968,154 @@ mod tests {
         d.ids.0.set(0); // the counter wraps onto the id in flight
         let fx = d.run(|s| dl.offer([delivery(2, "c")], &yes, s));
         assert_eq!(publishes(&fx), [(2, false, "p2".into())]);
+    }
+
+    #[test]
+    fn a_command_held_already_is_not_sent_twice_but_restated() {
+        let mut d = Driver::new(1);
+        let mut dl = Downlinks::default();
+        d.run(|s| dl.offer([delivery(1, "c"), delivery(2, "c")], &yes, s));
+        d.advance(Duration::from_millis(500));
+        // Both dispatched here again (the sweeper thought them lost).
+        let fx = d.run(|s| dl.offer([delivery(1, "c"), delivery(2, "c")], &yes, s));
+        assert!(publishes(&fx).is_empty(), "nothing is sent twice");
+        assert_eq!(
+            reports(&fx),
+            [
+                Report::Sent {
+                    id: Uuid::from_u128(1),
+                    attempts: 1,
+                    sent_at_ms: 1000,
+                    at_ms: 1500
+                },
+                Report::Waiting {
+                    id: Uuid::from_u128(2),
+                    at_ms: 1500
+                }
+            ]
+        );
+        assert_eq!((dl.inflight(), dl.waiting()), (1, 1));
+    }
+
+    #[test]
+    fn the_waiting_list_is_capped_and_the_excess_fails_queue_full() {
+        let mut d = Driver::new(1);
+        d.limits.max_waiting = 2;
+        let mut dl = Downlinks::default();
+        let fx = d.run(|s| dl.offer((1..=5).map(|n| delivery(n, "c")), &yes, s));
+        assert_eq!(publishes(&fx), [(1, false, "p1".into())]);
+        assert_eq!((dl.inflight(), dl.waiting()), (1, 2));
+        let full: Vec<_> = reports(&fx)
+            .into_iter()
+            .filter_map(|r| match r {
+                Report::Failed {
+                    id,
+                    reason: FailReason::QueueFull,
+                    ..
+                } => Some(id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(full, [Uuid::from_u128(4), Uuid::from_u128(5)]);
+    }
+
+    #[test]
+    fn a_command_that_followed_its_device_waits_a_grace_for_the_subscription() {
+        let mut d = Driver::new(8);
+        let mut dl = Downlinks::default();
+        let no = |_: &str| false;
+        let followed = |n| Delivery {
+            followed: true,
+            ..delivery(n, "c")
+        };
+        let fx = d.run(|s| dl.offer([followed(1), followed(2), delivery(3, "c")], &no, s));
+        assert_eq!(
+            reports(&fx),
+            [
+                Report::Park {
+                    id: Uuid::from_u128(1),
+                    name: "c".into(),
+                    expires_at_ms: 1_000_000,
+                    fail_at_ms: Some(1000 + ACK.as_millis() as i64),
+                    at_ms: 1000
+                },
+                Report::Park {
+                    id: Uuid::from_u128(2),
+                    name: "c".into(),
+                    expires_at_ms: 1_000_000,
+                    fail_at_ms: Some(1000 + ACK.as_millis() as i64),
+                    at_ms: 1000
+                },
+                // Not one that followed its device: no grace.
+                Report::Failed {
+                    id: Uuid::from_u128(3),
+                    reason: FailReason::NoSubscription,
+                    at_ms: 1000,
+                    only_queued: false
+                },
+            ]
+        );
+        assert!(!dl.is_empty(), "the grace is held");
+        assert_eq!(dl.next_deadline(ACK), Some(d.start + ACK));
+        // The device subscribes: the first comes back from the queue.
+        d.advance(Duration::from_millis(100));
+        let back = Delivery {
+            from_queue: true,
+            ..delivery(1, "c")
+        };
+        let fx = d.run(|s| dl.offer([back], &yes, s));
+        assert_eq!(publishes(&fx), [(1, false, "p1".into())]);
+        // The grace of the other one ends: it fails if still queued.
+        d.advance(ACK);
+        let fx = d.run(|s| dl.tick(s));
+        let failed: Vec<_> = reports(&fx)
+            .into_iter()
+            .filter(|r| matches!(r, Report::Failed { .. }))
+            .collect();
+        assert_eq!(
+            failed,
+            [Report::Failed {
+                id: Uuid::from_u128(2),
+                reason: FailReason::NoSubscription,
+                at_ms: d.now_ms,
+                only_queued: true
+            }]
+        );
+        // A grace never outlives the command's ttl.
+        let mut dl = Downlinks::default();
+        let mut short = followed(4);
+        short.expires_at_ms = d.now_ms + 50;
+        let fx = d.run(|s| dl.offer([short], &no, s));
+        assert!(matches!(
+            reports(&fx)[..],
+            [Report::Park { fail_at_ms: Some(at), .. }] if at == d.now_ms + 50
+        ));
+    }
+
+    #[test]
+    fn a_publish_that_cannot_be_encoded_fails_rejected_and_frees_its_place() {
+        let mut d = Driver::new(1);
+        let mut dl = Downlinks::default();
+        d.run(|s| dl.offer([delivery(1, "c"), delivery(2, "c")], &yes, s));
+        let mut id = None;
+        let fx = d.run(|s| id = dl.reject(1, s));
+        assert_eq!(id, Some(Uuid::from_u128(1)));
+        assert_eq!(
+            reports(&fx)[0],
+            Report::Failed {
+                id: Uuid::from_u128(1),
+                reason: FailReason::Rejected,
+                at_ms: 1000,
+                only_queued: false
+            }
+        );
+        assert_eq!(
+            publishes(&fx),
+            [(2, false, "p2".into())],
+            "the next one goes"
+        );
+        let fx = d.run(|s| id = dl.reject(9, s));
+        assert_eq!(id, None);
+        assert!(fx.is_empty());
     }
 }

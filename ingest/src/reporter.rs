@@ -12,12 +12,19 @@
 //! instead of a task per change: no spawn per PUBACK, and a natural order.
 //!
 //! When a lane's channel is full (Redis far behind), the job runs in a task
-//! of its own (counted): nothing is dropped, only the order under overload
-//! is given up, and the command state machine's compare-and-set keeps a
-//! late change from overwriting a verdict. A change that cannot be written
-//! (Redis down, timeout) is logged and counted; the sweeper resolves the
-//! command later. At shutdown the lanes finish what was handed to them,
-//! within the grace period.
+//! of its own (counted), up to [`OVERFLOW_TASKS`] at once: only the order
+//! under overload is given up, and the command state machine's
+//! compare-and-set keeps a late change from overwriting a verdict. Beyond
+//! that bound a job is shed, counted (`iot_downlink_reports_shed_total`)
+//! and logged: memory stays bounded however far Redis falls behind, and the
+//! sweeper resolves those commands later, as it does for a change that
+//! cannot be written (Redis down, timeout; logged and counted). At shutdown
+//! the lanes finish what was handed to them, within the grace period.
+//!
+//! Every verdict carries the connection that decided it (this instance and
+//! the connection's epoch): the state machine refuses it as stale when the
+//! command has been dispatched elsewhere meanwhile (counted in
+//! `iot_downlink_stale_verdicts_total`, logged at debug).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +33,7 @@ use iot_core::control::Control;
 use iot_core::{PhyId, ServerId};
 use iot_downlink::command::field;
 use iot_downlink::route::{self, Location};
-use iot_downlink::{CommandStore, FailReason, Status, Transition};
+use iot_downlink::{CommandStore, FailReason, Outcome, Refusal, Status, Transition};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -38,17 +45,22 @@ use crate::registry::Registry;
 pub const LANES: u16 = 4;
 /// Jobs waiting per lane before jobs run in tasks of their own.
 pub const LANE_CAPACITY: usize = 4096;
+/// Jobs running in tasks of their own at once (lanes full); more are shed.
+pub const OVERFLOW_TASKS: usize = 1024;
 
 /// A state change of a command, or queue work, for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
     /// Written to the device: `sent` (attempt 1, from dispatched or queued)
-    /// or retransmitted (attempt 2).
+    /// or retransmitted (attempt 2); also where a command held here stands
+    /// when it is dispatched here again.
     Sent {
         /// Command id.
         id: Uuid,
         /// Transmissions so far.
         attempts: u32,
+        /// The first transmission, ms.
+        sent_at_ms: i64,
         /// When, ms.
         at_ms: i64,
     },
@@ -81,6 +93,9 @@ pub enum Report {
         reason: FailReason,
         /// When, ms.
         at_ms: i64,
+        /// Only if it still waits in the device's queue (taken out of it
+        /// first; a drain that took it first wins).
+        only_queued: bool,
     },
     /// Dispatched here and waiting for a place under the inflight limit:
     /// noted in its log (which also tells the sweeper it is not stuck).
@@ -99,6 +114,10 @@ pub enum Report {
         name: String,
         /// Expiry, ms.
         expires_at_ms: i64,
+        /// For a command that may not wait in the queue: the end of its
+        /// subscription grace, ms (the sweeper fails it then if it is
+        /// still queued).
+        fail_at_ms: Option<i64>,
         /// When, ms.
         at_ms: i64,
     },
@@ -162,6 +181,10 @@ struct Shared {
     server_id: ServerId,
     op_timeout: Duration,
     drain_max: usize,
+    /// Places for jobs that found their lane full.
+    overflow: Arc<tokio::sync::Semaphore>,
+    /// When a shed job was last logged (ms), to log at most once a second.
+    shed_logged_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Where connections and the control subscriber hand their reports.
@@ -200,6 +223,8 @@ pub fn spawn(
         server_id,
         op_timeout,
         drain_max,
+        overflow: Arc::new(tokio::sync::Semaphore::new(OVERFLOW_TASKS)),
+        shed_logged_ms: std::sync::atomic::AtomicI64::new(0),
     });
     let (finish, finish_rx) = watch::channel(None);
     let mut lanes = Vec::new();
@@ -230,9 +255,17 @@ impl ReporterHandle {
         match self.lanes[lane].try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(job)) => {
-                crate::metrics::report_overflow();
-                let shared = self.shared.clone();
-                tokio::spawn(async move { execute(&shared, job).await });
+                match self.shared.overflow.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        crate::metrics::report_overflow();
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move {
+                            execute(&shared, job).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => self.shed(&job),
+                }
             }
             Err(mpsc::error::TrySendError::Closed(job)) => {
                 crate::metrics::reports_dropped(1);
@@ -242,6 +275,40 @@ impl ReporterHandle {
                     "command state change after the reporter finished; the sweeper will resolve the command"
                 );
             }
+        }
+    }
+}
+
+impl ReporterHandle {
+    /// Drops a job that found its lane and the overflow full: counted, and
+    /// logged at most once a second.
+    fn shed(&self, job: &Job) {
+        iot_downlink::metrics::report_shed();
+        let now = iot_core::time::now_ms();
+        let last = self
+            .shared
+            .shed_logged_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 1000
+            && self
+                .shared
+                .shed_logged_ms
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                phy_id = %job.phy,
+                op = job.report.op(),
+                lanes = LANES,
+                lane_capacity = LANE_CAPACITY,
+                overflow = OVERFLOW_TASKS,
+                "downlink reporter overloaded (Redis far behind): command state changes shed; the sweeper will resolve those commands"
+            );
         }
     }
 }
@@ -330,69 +397,121 @@ async fn execute(shared: &Shared, job: Job) {
 }
 
 /// Logs a change the state machine refused (the command moved on or was
-/// decided elsewhere): not an error, but worth a debug line.
-fn refused(changed: Option<Status>, id: &Uuid, op: &'static str) {
-    if changed.is_none() {
-        tracing::debug!(command_id = %id, op, "command state change not applied: it was decided or moved on meanwhile");
+/// decided elsewhere): not an error, but worth a debug line; a stale
+/// verdict is counted too.
+fn refused(outcome: Outcome, id: &Uuid, op: &'static str) {
+    match outcome {
+        Outcome::Applied { .. } => {}
+        Outcome::Refused(Refusal::Stale) => {
+            iot_downlink::metrics::stale_verdict(op);
+            tracing::debug!(command_id = %id, op,
+                "stale command verdict refused: the command is dispatched to another connection now");
+        }
+        Outcome::Refused(why) => {
+            tracing::debug!(command_id = %id, op, why = why.as_str(),
+                "command state change not applied: it was decided or moved on meanwhile");
+        }
     }
 }
 
 async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
     let store = &shared.store;
     let op = job.report.op();
+    // Verdicts of this connection: refused while the command is dispatched
+    // or sent to another one.
+    let mine = |t: Transition| t.by(shared.server_id.as_str(), job.epoch);
+    let by = Some((shared.server_id.as_str(), job.epoch));
     match &job.report {
         Report::Sent {
             id,
-            attempts: 1,
+            attempts,
+            sent_at_ms,
             at_ms,
         } => {
-            let t = Transition::to(Status::Sent)
-                .from(&[Status::Dispatched, Status::Queued])
-                .detail(format!("{} epoch {}", shared.server_id, job.epoch))
-                .set(field::ATTEMPTS, 1)
-                .set(field::SENT_AT, at_ms)
+            let t = if *attempts <= 1 {
+                Transition::to(Status::Sent)
+                    .from(&[Status::Dispatched, Status::Queued])
+                    .detail(format!("{} epoch {}", shared.server_id, job.epoch))
+            } else {
+                // A retransmission, or (from dispatched) a command held here
+                // and dispatched here again.
+                Transition::to(Status::Sent)
+                    .from(&[Status::Sent, Status::Dispatched])
+                    .reason("retransmit")
+            };
+            let t = mine(t)
+                .set(field::ATTEMPTS, attempts)
+                .set(field::SENT_AT, sent_at_ms)
                 .set(field::SERVER_ID, &shared.server_id)
                 .set(field::EPOCH, job.epoch);
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
-        }
-        Report::Sent {
-            id,
-            attempts,
-            at_ms,
-        } => {
-            let t = Transition::to(Status::Sent)
-                .from(&[Status::Sent])
-                .reason("retransmit")
-                .set(field::ATTEMPTS, attempts);
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+            refused(store.transition_checked(id, &t, *at_ms).await?, id, op);
         }
         Report::Acked { id, at_ms } => {
-            let t = Transition::to(Status::Acked).set(field::ACKED_AT, at_ms);
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+            // A PUBACK is proof of delivery: taken from queued too (the
+            // command was put back while its PUBACK was on the way).
+            let t = Transition::to(Status::Acked)
+                .from(&[Status::Sent, Status::Dispatched, Status::Queued])
+                .set(field::ACKED_AT, at_ms);
+            refused(
+                store.transition_checked(id, &mine(t), *at_ms).await?,
+                id,
+                op,
+            );
         }
         Report::TimedOut { id, at_ms } => {
-            let t = Transition::to(Status::TimedOut).reason("ack_timeout");
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+            let t = Transition::to(Status::TimedOut)
+                .from(&[Status::Sent, Status::Dispatched])
+                .reason("ack_timeout");
+            refused(
+                store.transition_checked(id, &mine(t), *at_ms).await?,
+                id,
+                op,
+            );
         }
         Report::Expired { id, at_ms } => {
             let t = Transition::to(Status::Expired);
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+            refused(
+                store.transition_checked(id, &mine(t), *at_ms).await?,
+                id,
+                op,
+            );
         }
-        Report::Failed { id, reason, at_ms } => {
-            let t = Transition::to(Status::Failed).reason(reason.as_str());
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+        Report::Failed {
+            id,
+            reason,
+            at_ms,
+            only_queued,
+        } => {
+            if *only_queued && !store.dequeue(&job.phy, id).await? {
+                // A drain took it: it is being delivered.
+                return Ok(());
+            }
+            let mut t = Transition::to(Status::Failed).reason(reason.as_str());
+            if *only_queued {
+                t = t.from(&[Status::Queued]);
+            }
+            refused(
+                store.transition_checked(id, &mine(t), *at_ms).await?,
+                id,
+                op,
+            );
         }
         Report::Waiting { id, at_ms } => {
             let t = Transition::to(Status::Dispatched)
                 .from(&[Status::Dispatched])
                 .reason("inflight_limit")
                 .detail(format!("{} epoch {}", shared.server_id, job.epoch));
-            refused(store.transition(id, &t, *at_ms).await?, id, op);
+            refused(
+                store.transition_checked(id, &mine(t), *at_ms).await?,
+                id,
+                op,
+            );
         }
         Report::Park {
             id,
             name,
             expires_at_ms,
+            fail_at_ms,
             at_ms,
         } => {
             let after = route::park(
@@ -400,7 +519,9 @@ async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
                 &job.phy,
                 id,
                 *expires_at_ms,
+                fail_at_ms.unwrap_or(*expires_at_ms),
                 FailReason::NoSubscription.as_str(),
+                by,
                 *at_ms,
             )
             .await?;
@@ -417,7 +538,7 @@ async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
             nudge,
             at_ms,
         } => {
-            let back = route::requeue(store, &job.phy, items, reason, *at_ms).await?;
+            let back = route::requeue(store, &job.phy, items, reason, by, *at_ms).await?;
             if *nudge && !back.is_empty() {
                 self::nudge(shared, &job.phy, job.epoch).await?;
             }
@@ -426,7 +547,10 @@ async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
             if let Some(cmd) = store.get(id).await?
                 && !cmd.status.is_terminal()
             {
-                let after = route::forward(store, cmd, reason).await?;
+                // This instance's connection of the job's epoch (or an
+                // older one) does not hold the device: not a place for it.
+                let gone = Some((&shared.server_id, job.epoch));
+                let after = route::forward(store, cmd, reason, gone).await?;
                 tracing::debug!(command_id = %id, status = %after.status, server_id = ?after.server_id,
                     "command forwarded after its device");
             }
@@ -493,14 +617,14 @@ async fn drain(shared: &Shared, phy: &PhyId, epoch: u64) -> redis::RedisResult<(
             tracing::debug!(phy_id = %phy, commands = n, "queued commands handed to the connection");
         }
         Some(back) => {
-            let ids: Vec<Uuid> = back
+            let items: Vec<(Uuid, i64)> = back
                 .iter()
                 .filter_map(|m| match m {
-                    Mail::Deliver(d) => Some(d.id),
+                    Mail::Deliver(d) => Some((d.id, d.expires_at_ms)),
                     Mail::Drain(_) => None,
                 })
                 .collect();
-            store.requeue_front(phy, &ids).await?;
+            store.requeue_front(phy, &items, now).await?;
             nudge(shared, phy, epoch).await?;
         }
     }

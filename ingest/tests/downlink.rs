@@ -11,8 +11,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Client, Ingest, Projector, command_store, new_command, phy, phy_id, statuses, wait_events,
-    wait_status,
+    Client, Ingest, Projector, command_store, new_command, phy, phy_id, statuses, wait_command,
+    wait_events, wait_status,
 };
 use iot_core::control::{Control, Dispatch};
 use iot_core::view::field as view_field;
@@ -327,29 +327,53 @@ async fn the_inflight_limit_holds_commands_back_in_order() {
     }
     let mut unacked = std::collections::VecDeque::new();
     let mut order = Vec::new();
-    while order.len() < 5 {
-        // Take what arrives until the limit is reached (or nothing is left).
-        while unacked.len() < 2 && order.len() < 5 {
+    for acked in 0..5 {
+        // Two in flight (or what is left), the others held back by the
+        // connection: each has the wait in its log.
+        let sent = (5 - acked).min(2);
+        let held = 5 - acked - sent;
+        while unacked.len() < sent {
             let p = dev.publish(WAIT).await;
             order.push(String::from_utf8_lossy(&p.payload).into_owned());
             unacked.push_back(p);
         }
-        if order.len() < 5 {
-            assert!(
-                dev.publish_within(Duration::from_millis(300))
-                    .await
-                    .is_none(),
-                "a third command while two are unacknowledged"
-            );
-            let held = store.get_many(&ids).await.unwrap();
-            let sent = held.iter().filter(|c| c.status == Status::Sent).count();
-            assert_eq!(sent, 2, "{held:?}");
-        }
+        let what = format!("{acked} acked, {sent} sent, {held} held back");
+        eventually(WAIT, &what, || {
+            let store = &store;
+            let ids = &ids;
+            async move {
+                let mut seen = (0, 0, 0);
+                for id in ids {
+                    let (c, log) = store
+                        .get_with_history(id)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or("record gone")?;
+                    match c.status {
+                        Status::Acked => seen.0 += 1,
+                        Status::Sent => seen.1 += 1,
+                        Status::Dispatched if log.iter().any(|l| l.reason == "inflight_limit") => {
+                            seen.2 += 1
+                        }
+                        _ => {}
+                    }
+                }
+                if seen == (acked, sent, held) {
+                    Ok(())
+                } else {
+                    Err(format!("(acked, sent, held) = {seen:?}"))
+                }
+            }
+        })
+        .await;
+        // The connection decided to hold them back before that was
+        // recorded, and only a PUBACK frees a place.
+        assert!(
+            dev.publish_within(Duration::ZERO).await.is_none(),
+            "a third command while two are unacknowledged"
+        );
         let oldest = unacked.pop_front().unwrap();
         dev.ack(&oldest).await;
-    }
-    while let Some(p) = unacked.pop_front() {
-        dev.ack(&p).await;
     }
     assert_eq!(order, ["c0", "c1", "c2", "c3", "c4"]);
     for id in &ids {
@@ -360,6 +384,93 @@ async fn the_inflight_limit_holds_commands_back_in_order() {
         log[1].reason, "inflight_limit",
         "the wait is in its log: {log:?}"
     );
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_device_holds_at_most_queue_max_commands_back_the_rest_fail_queue_full() {
+    let redis = RedisServer::start();
+    let ingest = Ingest::start(&redis.url(), "cap-srv", |c| {
+        c.downlink.max_inflight = 1;
+        c.downlink.queue_max = 2;
+    })
+    .await;
+    let store = command_store(&redis.url(), |_| {}).await;
+    let id = phy("laggard");
+    let mut dev = Client::connect_manual_acks(&ingest.mqtt, &id, KEEPALIVE).await;
+    dev.subscribe_down(&id).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let c = new_command(&id, "step", format!("c{i}").as_bytes(), false, None);
+        ids.push(route::submit(&store, c).await.unwrap().id);
+    }
+    let first = dev.publish(WAIT).await;
+    assert_eq!(&first.payload[..], b"c0");
+    wait_status(&store, ids[0], Status::Sent, WAIT).await;
+    for id in &ids[3..] {
+        let (c, _) = wait_status(&store, *id, Status::Failed, WAIT).await;
+        assert_eq!(c.reason.as_deref(), Some("queue_full"));
+    }
+    // The two held back go out in order as places free up.
+    let mut got = Vec::new();
+    let mut last = first;
+    for _ in 0..2 {
+        dev.ack(&last).await;
+        last = dev.publish(WAIT).await;
+        got.push(String::from_utf8_lossy(&last.payload).into_owned());
+    }
+    dev.ack(&last).await;
+    assert_eq!(got, ["c1", "c2"]);
+    for id in &ids[..3] {
+        wait_status(&store, *id, Status::Acked, WAIT).await;
+    }
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_owner_cannot_time_out_a_command_dispatched_elsewhere_meanwhile() {
+    let redis = RedisServer::start();
+    let ack_timeout = Duration::from_millis(800);
+    let ingest = Ingest::start(&redis.url(), "old-srv", |c| {
+        c.downlink.ack_timeout = ack_timeout;
+    })
+    .await;
+    let store = command_store(&redis.url(), |d| d.ack_timeout = ack_timeout).await;
+    let id = phy("moved-on");
+    let mut dev = Client::connect_manual_acks(&ingest.mqtt, &id, KEEPALIVE).await;
+    dev.subscribe_down(&id).await;
+    let cmd = route::submit(&store, new_command(&id, "reboot", b"x", false, None))
+        .await
+        .unwrap();
+    dev.publish(WAIT).await;
+    wait_status(&store, cmd.id, Status::Sent, WAIT).await;
+    // Meanwhile the command was sent after the device to another instance
+    // (what a forward writes).
+    let t = iot_downlink::Transition::to(Status::Dispatched)
+        .from(&[Status::Sent])
+        .reason("owner_lost")
+        .set(iot_downlink::command::field::SERVER_ID, "new-srv")
+        .set(iot_downlink::command::field::EPOCH, 99)
+        .set(iot_downlink::command::field::HOPS, 1);
+    assert!(
+        store
+            .transition(&cmd.id, &t, iot_core::time::now_ms())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // The old connection's retransmission and timeout are refused.
+    eventually(WAIT, "the stale timeout refused", || async {
+        let n = ingest
+            .metric("iot_downlink_stale_verdicts_total{op=\"timed_out\"}")
+            .await;
+        if n >= 1.0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    let (c, log) = store.get_with_history(&cmd.id).await.unwrap().unwrap();
+    assert_eq!(c.status, Status::Dispatched, "{log:?}");
+    assert_eq!(c.server_id.as_deref(), Some("new-srv"));
+    assert_eq!(statuses(&log), ["dispatched", "sent", "dispatched"]);
     ingest.stop().await.unwrap();
 }
 
@@ -435,6 +546,83 @@ async fn a_takeover_mid_command_sends_it_after_the_device() {
             .all(|s| ["queued", "sent", "acked"].contains(s)),
         "{st:?}"
     );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_mid_command_without_queueing_waits_for_the_new_connection_to_subscribe() {
+    let redis = RedisServer::start();
+    // The subscription grace is the ACK timeout.
+    let ack_timeout = Duration::from_secs(3);
+    let a = Ingest::start(&redis.url(), "tkn-a", |c| {
+        c.downlink.ack_timeout = ack_timeout
+    })
+    .await;
+    let b = Ingest::start(&redis.url(), "tkn-b", |c| {
+        c.downlink.ack_timeout = ack_timeout
+    })
+    .await;
+    let store = command_store(&redis.url(), |d| d.ack_timeout = ack_timeout).await;
+
+    // One device that subscribes on its new connection, one that never does.
+    let (keen, deaf) = (phy("keen"), phy("deaf-after-move"));
+    let mut cmds = Vec::new();
+    let mut new_conns = Vec::new();
+    for id in [&keen, &deaf] {
+        let mut first = Client::connect_manual_acks(&a.mqtt, id, KEEPALIVE).await;
+        first.subscribe_down(id).await;
+        let cmd = route::submit(&store, new_command(id, "reboot", b"go", false, None))
+            .await
+            .unwrap();
+        first.publish(WAIT).await;
+        wait_status(&store, cmd.id, Status::Sent, WAIT).await;
+        // Not acknowledged: the device connects again on B, and has not
+        // subscribed there when the command follows it.
+        let second = Client::connect(&b.mqtt, id, KEEPALIVE).await;
+        first.ended(WAIT).await;
+        let (parked, _) = wait_command(&store, cmd.id, "parked for the subscription", WAIT, |c| {
+            c.status == Status::Queued
+        })
+        .await;
+        assert_eq!(parked.reason.as_deref(), Some("no_subscription"));
+        assert_eq!(parked.server_id.as_deref(), Some("tkn-b"));
+        cmds.push(cmd.id);
+        new_conns.push(second);
+    }
+
+    // The keen one subscribes within the grace and gets it.
+    new_conns[0].subscribe_down(&keen).await;
+    let p = new_conns[0].publish(WAIT).await;
+    assert_eq!(&p.payload[..], b"go");
+    let (done, log) = wait_status(&store, cmds[0], Status::Acked, WAIT).await;
+    assert_eq!(done.hops, 1);
+    assert_eq!(
+        statuses(&log),
+        [
+            "dispatched",
+            "sent",
+            "dispatched",
+            "queued",
+            "sent",
+            "acked"
+        ]
+    );
+    assert_eq!(log[2].reason, "takeover");
+    assert_eq!(
+        log[4].detail,
+        format!("tkn-b epoch {}", done.epoch.unwrap())
+    );
+
+    // The deaf one fails when the grace ends, not before, and not offline.
+    let (failed, log) = wait_status(&store, cmds[1], Status::Failed, WAIT).await;
+    assert_eq!(failed.reason.as_deref(), Some("no_subscription"), "{log:?}");
+    let parked_at = log[3].at_ms;
+    assert!(
+        failed.updated_at_ms - parked_at >= ack_timeout.as_millis() as i64 - 50,
+        "{log:?}"
+    );
+    assert_eq!(store.queue_len(&phy_id(&deaf)).await.unwrap(), 0);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }

@@ -1,5 +1,11 @@
 //! The command log: every downlink command and each of its state changes,
 //! archived from the `stream:commands` stream.
+//!
+//! A change is keyed by its command and its place in the command's log in
+//! Redis (`seq`, from 1), so a change archived twice is stored once and two
+//! changes with the same status in the same millisecond are both kept.
+//! Changes written before the stream carried `seq` are keyed by (command,
+//! status, time), as they always were.
 
 use std::collections::HashMap;
 
@@ -17,6 +23,9 @@ use crate::{Store, StoreError};
 pub struct CommandChange {
     /// Command id.
     pub id: Uuid,
+    /// Its place in the command's log, from 1 (`None` from writers that
+    /// did not carry it).
+    pub seq: Option<i32>,
     /// New status.
     pub status: String,
     /// Reason (empty for none).
@@ -58,6 +67,10 @@ impl CommandChange {
         };
         Some(Self {
             id: Uuid::parse_str(&s("id")?).ok()?,
+            seq: match s("seq") {
+                Some(v) => Some(v.parse().ok().filter(|n: &i32| *n > 0)?),
+                None => None,
+            },
             status: s("status")?,
             reason: s("reason").unwrap_or_default(),
             detail: s("detail").unwrap_or_default(),
@@ -120,8 +133,8 @@ impl Store {
             .await?;
         }
         let inserted = sqlx::query(
-            "INSERT INTO command_events (command_id, status, at, detail)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[])
+            "INSERT INTO command_events (command_id, status, at, detail, seq)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[], $5::integer[])
              ON CONFLICT DO NOTHING",
         )
         .bind(changes.iter().map(|c| c.id).collect::<Vec<_>>())
@@ -138,6 +151,7 @@ impl Store {
                 .map(|c| json!({"reason": c.reason, "detail": c.detail}))
                 .collect::<Vec<_>>(),
         )
+        .bind(changes.iter().map(|c| c.seq).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -194,13 +208,15 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// A command's archived state changes, oldest first.
+    /// A command's archived state changes, oldest first: by `seq`, after
+    /// those archived without one (by time).
     pub async fn command_changes(
         &self,
         id: Uuid,
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT status, at FROM command_events WHERE command_id = $1 ORDER BY at, status",
+            "SELECT status, at FROM command_events WHERE command_id = $1
+             ORDER BY seq NULLS FIRST, at, status",
         )
         .bind(id)
         .fetch_all(&self.pool)

@@ -147,6 +147,10 @@ pub struct CommandInfo {
 /// One state change of a command.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommandChange {
+    /// Its place in the command's history, from 1 (the order of changes
+    /// that share a status and a millisecond); null when read from the
+    /// command log, or for a change recorded before this was kept.
+    pub seq: Option<u64>,
     /// The new status.
     #[schema(example = "sent")]
     pub status: String,
@@ -168,13 +172,25 @@ pub struct CommandDetail {
     pub history: Vec<CommandChange>,
 }
 
+/// A command in a device's list.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceCommand {
+    /// The command.
+    #[serde(flatten)]
+    pub command: CommandInfo,
+    /// Every state change, oldest first, as in `GET /api/commands/{id}`;
+    /// only with `history=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<CommandChange>>,
+}
+
 /// A page of a device's commands.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommandList {
     /// The device.
     pub phy_id: String,
     /// Newest first.
-    pub commands: Vec<CommandInfo>,
+    pub commands: Vec<DeviceCommand>,
     /// Pass as `cursor` for the next page; null after the last page.
     pub next_cursor: Option<String>,
 }
@@ -223,6 +239,10 @@ pub struct CommandPageParams {
     /// or RFC 3339); not together with `cursor`.
     #[param(example = "2024-05-01T12:00:00Z")]
     pub before: Option<String>,
+    /// `true`: each command with its `history` (every state change with
+    /// its time, as in `GET /api/commands/{id}`); default `false`.
+    #[param(example = true)]
+    pub history: Option<bool>,
 }
 
 /// `GET /api/commands`: filters and paging.
@@ -295,6 +315,7 @@ fn nonempty(s: &str) -> Option<String> {
 impl From<&Change> for CommandChange {
     fn from(c: &Change) -> Self {
         Self {
+            seq: (c.seq > 0).then_some(c.seq),
             status: c.status.as_str().to_owned(),
             at: rfc3339(c.at_ms).unwrap_or_default(),
             reason: nonempty(&c.reason),
@@ -341,6 +362,7 @@ fn from_log(c: &LoggedCommand, changes: &[LoggedChange]) -> CommandDetail {
         history: changes
             .iter()
             .map(|x| CommandChange {
+                seq: None,
                 status: x.status.clone(),
                 at: rfc3339_dt(&x.at),
                 reason: x.reason.clone(),
@@ -530,7 +552,8 @@ pub async fn command(
 }
 
 /// A device's commands, newest first, from Redis (those whose record has
-/// not expired; older ones are in `GET /api/commands?phy_id=`).
+/// not expired; older ones are in `GET /api/commands?phy_id=`). With
+/// `history=true` each carries every state change with its time.
 #[utoipa::path(get, path = "/api/devices/{phyID}/commands", operation_id = "list_device_commands", tag = "commands",
     params(
         ("phyID" = String, Path, description = "The device: 1 to 64 characters of [A-Za-z0-9._-]",
@@ -559,12 +582,30 @@ pub async fn device_commands(
     )
     .await?;
     let ids: Vec<Uuid> = index.iter().map(|(_, id)| *id).collect();
-    let commands = state
-        .redis(async { Ok(state.commands.get_many(&ids).await?) })
-        .await?;
+    let commands: Vec<DeviceCommand> = if q.history == Some(true) {
+        state
+            .redis(async { Ok(state.commands.get_many_with_history(&ids).await?) })
+            .await?
+            .iter()
+            .map(|(c, log)| DeviceCommand {
+                command: CommandInfo::from(c),
+                history: Some(log.iter().map(CommandChange::from).collect()),
+            })
+            .collect()
+    } else {
+        state
+            .redis(async { Ok(state.commands.get_many(&ids).await?) })
+            .await?
+            .iter()
+            .map(|c| DeviceCommand {
+                command: CommandInfo::from(c),
+                history: None,
+            })
+            .collect()
+    };
     Ok(Json(CommandList {
         phy_id: phy.to_string(),
-        commands: commands.iter().map(CommandInfo::from).collect(),
+        commands,
         next_cursor: next.map(|c| c.encode(DEVICE_CURSOR)),
     }))
 }
