@@ -123,7 +123,7 @@ impl Drop for ServiceProcess {
 /// The start-up contract every service binary keeps, checked end to end:
 /// `--help` lists the options and config keys; with a private Redis the
 /// service answers `/health` and `/metrics`, and SIGTERM stops it with exit
-/// code 0; without Redis (unreachable or disabled) it exits non-zero with one
+/// code 0, as SIGINT (Ctrl-C) does; without Redis (unreachable or disabled) it exits non-zero with one
 /// line saying Redis is required; a bad config key exits 2 naming the key.
 pub fn check_service_binary(bin: &str) {
     // --help
@@ -143,35 +143,38 @@ pub fn check_service_binary(bin: &str) {
     }
 
     let redis = crate::RedisServer::start();
-    let http = format!("127.0.0.1:{}", crate::free_port());
     let mqtt = format!("127.0.0.1:{}", crate::free_port());
     let url = redis.url();
-    let env = [
-        ("REDIS_URL", url.as_str()),
-        ("IOT_HTTP_LISTEN", http.as_str()),
-        ("IOT_MQTT_LISTEN", mqtt.as_str()),
-        ("SERVER_ID", "bin-test-1"),
-        ("IOT_SHUTDOWN_GRACE", "5s"),
-    ];
-    let mut svc = ServiceProcess::spawn(bin, &[], &env);
-    svc.wait_http_ok(&http, "/health", Duration::from_secs(30));
-    let (code, body) = crate::http_get(&http, "/health").expect("GET /health");
-    assert_eq!(code, 200);
-    assert!(body.contains("\"server_id\":\"bin-test-1\""), "{body}");
-    let (code, metrics) = crate::http_get(&http, "/metrics").expect("GET /metrics");
-    assert_eq!(code, 200);
-    assert!(metrics.contains("iot_build_info"), "{metrics}");
-    let (code, _) = crate::http_get(&http, "/health/live").expect("GET /health/live");
-    assert_eq!(code, 200);
-    svc.terminate();
-    let status = svc
-        .wait_exit(Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("no exit within 15 s of SIGTERM; stderr:\n{}", svc.stderr()));
-    assert!(
-        status.success(),
-        "exit {status} after SIGTERM; stderr:\n{}",
-        svc.stderr()
-    );
+    // SIGTERM (an orchestrator) and SIGINT (Ctrl-C) both stop it cleanly.
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let http = format!("127.0.0.1:{}", crate::free_port());
+        let env = [
+            ("REDIS_URL", url.as_str()),
+            ("IOT_HTTP_LISTEN", http.as_str()),
+            ("IOT_MQTT_LISTEN", mqtt.as_str()),
+            ("SERVER_ID", "bin-test-1"),
+            ("IOT_SHUTDOWN_GRACE", "5s"),
+        ];
+        let mut svc = ServiceProcess::spawn(bin, &[], &env);
+        svc.wait_http_ok(&http, "/health", Duration::from_secs(30));
+        let (code, body) = crate::http_get(&http, "/health").expect("GET /health");
+        assert_eq!(code, 200);
+        assert!(body.contains("\"server_id\":\"bin-test-1\""), "{body}");
+        let (code, metrics) = crate::http_get(&http, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200);
+        assert!(metrics.contains("iot_build_info"), "{metrics}");
+        let (code, _) = crate::http_get(&http, "/health/live").expect("GET /health/live");
+        assert_eq!(code, 200);
+        svc.signal(signal);
+        let status = svc.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
+            panic!("no exit within 15 s of {signal}; stderr:\n{}", svc.stderr())
+        });
+        assert!(
+            status.success(),
+            "exit {status} after {signal}; stderr:\n{}",
+            svc.stderr()
+        );
+    }
 
     // Redis required: unreachable, then disabled.
     let dead = format!("redis://127.0.0.1:{}/0", crate::free_port());

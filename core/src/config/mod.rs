@@ -13,7 +13,8 @@
 //! (the file or the environment variable).
 //!
 //! `config.example.yaml` at the repository root lists every key with its
-//! default; a test keeps it in step with [`Config::default`].
+//! default and a comment; a test keeps it in step with [`Config::default`]
+//! and fails on a key without a comment.
 
 pub mod duration;
 
@@ -190,17 +191,22 @@ pub struct SessionConfig {
 pub struct PolicyConfig {
     /// false: online = heartbeat fresh. Default true. Env `IOT_POLICY_ENABLED`.
     pub enabled: bool,
+    /// How long a TCP drop counts against the device (`tcp_down_penalty`).
     /// Default `1m`. Env `IOT_POLICY_TCP_DOWN_WINDOW`.
     #[serde(with = "duration")]
     pub tcp_down_window: Duration,
-    /// Default `1m`. Env `IOT_POLICY_ACK_WINDOW`.
+    /// How long an ACK timeout counts against the device
+    /// (`ack_timeout_penalty`). Default `1m`. Env `IOT_POLICY_ACK_WINDOW`.
     #[serde(with = "duration")]
     pub ack_window: Duration,
+    /// Subtracted from the score within `tcp_down_window` of a TCP drop.
     /// Default 0.5. Env `IOT_POLICY_TCP_DOWN_PENALTY`.
     pub tcp_down_penalty: f64,
+    /// Subtracted from the score within `ack_window` of an ACK timeout.
     /// Default 0.3. Env `IOT_POLICY_ACK_TIMEOUT_PENALTY`.
     pub ack_timeout_penalty: f64,
-    /// Default 0.5. Env `IOT_POLICY_THRESHOLD`.
+    /// Online when the score (1 if the heartbeat is fresh, minus the
+    /// penalties) is at least this. Default 0.5. Env `IOT_POLICY_THRESHOLD`.
     pub threshold: f64,
 }
 
@@ -1288,5 +1294,67 @@ session:
             };
             assert!(present, "config.example.yaml lacks {key}");
         }
+        // Every key (and section) says what it is for.
+        let uncommented = uncommented_keys(text);
+        assert!(
+            uncommented.is_empty(),
+            "config.example.yaml: give these keys a comment (`key: value  # what it does`, \
+             or a comment line right above): {uncommented:?}"
+        );
+        for (key, _) in Config::default_keys() {
+            assert!(
+                !uncommented.contains(&key),
+                "config.example.yaml: {key} has no comment"
+            );
+        }
+    }
+
+    /// The keys of a config file in the example's layout (`section:` at
+    /// column 0, its keys indented) that have no comment: neither a trailing
+    /// `# ...` on their line nor a comment line right above at the same
+    /// indentation. Named `section.key`, or `key` at the top level.
+    fn uncommented_keys(text: &str) -> Vec<String> {
+        fn trailing_comment(value: &str) -> bool {
+            let v = value.trim_start();
+            // Skip a quoted value: a `#` inside it is not a comment.
+            let rest = match v.strip_prefix('"') {
+                Some(q) => q.split_once('"').map_or("", |(_, r)| r),
+                None => v,
+            };
+            rest.trim_start().starts_with('#') || rest.contains(" #")
+        }
+        let mut out = Vec::new();
+        let mut section = "";
+        let mut comment_above: Option<usize> = None;
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            let indent = line.len() - trimmed.len();
+            if trimmed.starts_with('#') {
+                comment_above = Some(indent);
+                continue;
+            }
+            let above = comment_above.take();
+            let Some((key, value)) = trimmed.split_once(':') else {
+                continue;
+            };
+            let name = if indent == 0 {
+                section = key;
+                key.to_owned()
+            } else {
+                format!("{section}.{key}")
+            };
+            if above != Some(indent) && !trailing_comment(value) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_key_without_a_comment_is_found() {
+        let text = "# the id\nserver_id: \"\"\nredis:   # r\n  addr: \"a:1\"   # where\n  \
+                    db: 0\n  url: \"x#y\"\n  # above\n  password: \"\"\nlog:\n  level: info # l\n";
+        assert_eq!(uncommented_keys(text), ["redis.db", "redis.url", "log"]);
+        assert!(uncommented_keys("\n# gap\n\nserver_id: a\n") == ["server_id"]);
     }
 }
