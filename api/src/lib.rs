@@ -118,10 +118,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 async fn not_found(state: axum::extract::State<AppState>, req: axum::extract::Request) -> Response {
     let path = req.uri().path();
     // Under /api, an unauthenticated caller learns nothing about routes.
-    if path == "/api" || path.starts_with("/api/") {
-        if let Err(e) = state.tokens.check(req.headers(), auth::Access::Read) {
-            return e.into_response();
-        }
+    if (path == "/api" || path.starts_with("/api/"))
+        && let Err(e) = state.tokens.check(req.headers(), auth::Access::Read)
+    {
+        return e.into_response();
     }
     ApiError::no_route(path).into_response()
 }

@@ -292,10 +292,10 @@ proptest! {
         bytes[i] = value;
         let original = bytes.clone();
         let result = Packet::read(&mut bytes, MAX);
-        if let Ok(Some(decoded)) = result {
-            if bytes.is_empty() {
-                prop_assert_eq!(encode(&decoded), original);
-            }
+        if let Ok(Some(decoded)) = result
+            && bytes.is_empty()
+        {
+            prop_assert_eq!(encode(&decoded), original);
         }
     }
 }

@@ -289,7 +289,7 @@ pub fn parse_score(v: &str) -> Option<i64> {
 /// without a score has `None`.
 pub fn parse_seen(v: Value) -> RedisResult<Vec<(String, Option<i64>)>> {
     let flat: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(v)?;
-    if flat.len() % 2 != 0 {
+    if !flat.len().is_multiple_of(2) {
         return Err(ReplyError {
             script: "due",
             detail: format!("{} values, not pairs", flat.len()),

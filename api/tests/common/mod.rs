@@ -496,11 +496,11 @@ impl Seeder {
         let newest = events.iter().map(|e| e.ts_ms).max().unwrap_or(0);
         pipe.zadd(self.keys.known(shard), phy.as_str(), newest)
             .ignore();
-        if view.connected() {
-            if let (Some(server), Some(conn)) = (&view.server_id, view.conn_id) {
-                pipe.sadd(self.keys.server_conns(server), conn.to_string())
-                    .ignore();
-            }
+        if view.connected()
+            && let (Some(server), Some(conn)) = (&view.server_id, view.conn_id)
+        {
+            pipe.sadd(self.keys.server_conns(server), conn.to_string())
+                .ignore();
         }
     }
 

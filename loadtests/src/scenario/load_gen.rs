@@ -312,7 +312,7 @@ mod tests {
             token: None,
         };
         let req = Arc::new(Get(|i: u64| {
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 "/bad".to_owned()
             } else {
                 format!("/ok/{i}")

@@ -158,12 +158,12 @@ pub fn explain_failure<T>(
     measured: &anyhow::Result<T>,
     sim: &anyhow::Result<crate::sim::SimOutcome>,
 ) {
-    if measured.is_err() {
-        if let Ok(o) = sim {
-            eprintln!(
-                "the simulator's side of the failed run:\n{}",
-                o.report.summary()
-            );
-        }
+    if measured.is_err()
+        && let Ok(o) = sim
+    {
+        eprintln!(
+            "the simulator's side of the failed run:\n{}",
+            o.report.summary()
+        );
     }
 }
