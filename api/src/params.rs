@@ -36,15 +36,15 @@ pub struct PolicyParams {
     /// How long an ACK timeout penalises the device (config `policy.ack_window`).
     #[param(example = "1m")]
     pub ack_window: Option<String>,
-    /// Subtracted from the score within the TCP drop window; a finite number
-    /// (config `policy.tcp_down_penalty`).
+    /// Subtracted from the score within the TCP drop window; a number from
+    /// -1e9 to 1e9 (config `policy.tcp_down_penalty`).
     #[param(example = 0.5)]
     pub tcp_down_penalty: Option<f64>,
-    /// Subtracted from the score within the ACK window; a finite number
-    /// (config `policy.ack_timeout_penalty`).
+    /// Subtracted from the score within the ACK window; a number from -1e9
+    /// to 1e9 (config `policy.ack_timeout_penalty`).
     #[param(example = 0.3)]
     pub ack_timeout_penalty: Option<f64>,
-    /// Online when the score is at least this; a finite number
+    /// Online when the score is at least this; a number from -1e9 to 1e9
     /// (config `policy.threshold`).
     #[param(example = 0.5)]
     pub threshold: Option<f64>,
@@ -90,11 +90,17 @@ fn dur(name: &str, v: &Option<String>, base: i64) -> Result<i64, ApiError> {
     }
 }
 
+/// Largest magnitude of a penalty or threshold: far beyond any useful
+/// weight, and small enough that the score stays a finite number.
+pub const MAX_WEIGHT: f64 = 1e9;
+
 fn num(name: &str, v: Option<f64>, base: f64) -> Result<f64, ApiError> {
     match v {
         None => Ok(base),
-        Some(x) if x.is_finite() => Ok(x),
-        Some(x) => Err(bad(format!("{name}={x} is not a finite number"))),
+        Some(x) if x.is_finite() && x.abs() <= MAX_WEIGHT => Ok(x),
+        Some(x) => Err(bad(format!(
+            "{name}={x} is out of range; give a number from -{MAX_WEIGHT:e} to {MAX_WEIGHT:e}"
+        ))),
     }
 }
 
@@ -238,6 +244,14 @@ mod tests {
                     ..Default::default()
                 },
                 "tcp_down_penalty",
+            ),
+            // Finite, but two of them would make the score -inf.
+            (
+                PolicyParams {
+                    ack_timeout_penalty: Some(1.7e308),
+                    ..Default::default()
+                },
+                "ack_timeout_penalty",
             ),
         ] {
             let e = params.policy(&base).unwrap_err();

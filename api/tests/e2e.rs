@@ -5,17 +5,17 @@
 //!
 //! Windows are short (heartbeat timeout 5 s, penalty windows 3 s) and the
 //! threshold is 0.75, so a TCP drop (-0.5) or an ACK timeout (-0.3) alone
-//! takes a device with a fresh heartbeat offline. Until the downlink issue
-//! lands, ingest sends no downlinks, so the ACK timeout is appended to the
-//! device's event stream exactly as the ingest writes it.
+//! takes a device with a fresh heartbeat offline. The ACK timeout is a real
+//! one: a command posted to the api reaches a device that subscribed and
+//! never acknowledges it.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{READ, TestApi};
+use iot_core::Config;
 use iot_core::keys::shard_of;
-use iot_core::{Config, Entry, Event, EventKind, PhyId, ServerId};
 use iot_service::startup::Context;
 use iot_test_support::{RedisServer, eventually};
 use rumqttc::{AsyncClient, MqttOptions};
@@ -46,6 +46,7 @@ fn stack_config(redis: &RedisServer) -> Config {
     c.projector.due_interval = Duration::from_millis(50);
     c.projector.lag_interval = Duration::from_millis(200);
     c.projector.reaper_interval = Duration::from_millis(200);
+    c.downlink.ack_timeout = Duration::from_secs(1);
     c.shutdown.grace = Duration::from_secs(3);
     c
 }
@@ -186,6 +187,43 @@ impl Device {
         }
     }
 
+    /// Connects `id`, subscribes to its downlinks with QoS 1, and never
+    /// acknowledges a command (manual acks, none given); it keeps pinging.
+    async fn connect_never_acking(port: u16, id: &str) -> Self {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(1));
+        opts.set_manual_acks(true);
+        let (client, mut eventloop) = AsyncClient::new(opts, 16);
+        let (suback_tx, suback_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut suback = Some(suback_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(tx) = suback.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        client
+            .subscribe(format!("devices/{id}/down/#"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("queue SUBSCRIBE");
+        tokio::time::timeout(WAIT, suback_rx)
+            .await
+            .expect("SUBACK in time")
+            .expect("SUBACK");
+        Self {
+            client,
+            task,
+            silence: None,
+        }
+    }
+
     /// Stops sending anything (no PINGREQ) while the TCP connection stays up.
     fn go_silent(&mut self) {
         if let Some(tx) = self.silence.take() {
@@ -200,19 +238,31 @@ impl Device {
     }
 }
 
-/// Appends `ev` to its shard's stream exactly as the ingest's writer does.
-async fn append_event(stack: &Stack, ev: Event) {
+/// The online flips of `phy` in the lifecycle stream, oldest first:
+/// (online, reason).
+async fn lifecycle(stack: &Stack, phy: &str) -> Vec<(bool, String)> {
     let mut conn = stack.api.conn().await;
-    let shard = shard_of(ev.phy_id.as_str(), stack.api.config.streams.shards);
-    let () = redis::cmd("XADD")
-        .arg(stack.api.keys.events(shard))
-        .arg("*")
-        .arg(iot_core::event::ENTRY_FIELD)
-        .arg(Entry::Event(ev).encode())
-        .query_async::<String>(&mut conn)
+    let shard = shard_of(phy, stack.api.config.streams.shards);
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stack.api.keys.lifecycle(shard))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
         .await
-        .map(|_| ())
-        .expect("XADD");
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            let get = |k: &str| {
+                fields
+                    .iter()
+                    .find(|(f, _)| f == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            (get("phy_id") == phy).then(|| (get("online") == "1", get("reason")))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,35 +339,51 @@ async fn presence_follows_connect_heartbeat_expiry_tcp_drop_and_ack_timeout() {
     stack
         .wait_state("e2e-dropper", false, "heartbeat_expired")
         .await;
+    // In between, the projection had it online again for the rest of its
+    // heartbeat's freshness: the lifecycle has every flip, with its reason.
+    let flips = lifecycle(&stack, "e2e-dropper").await;
+    assert_eq!(
+        flips,
+        [
+            (true, "connected".to_owned()),
+            (false, "tcp_down:closed".to_owned()),
+            (true, "recovered".to_owned()),
+            (false, "heartbeat_expired".to_owned()),
+        ],
+        "online flips of the dropper"
+    );
 
-    // ACK timeout: offline (1 - 0.3 < 0.75) while connected, online again
-    // when the ACK window is over.
-    let acker = Device::connect(port, "e2e-acker", Duration::from_secs(1)).await;
-    let d = stack.wait_state("e2e-acker", true, "heartbeat_fresh").await;
-    let conn_id = d["conn_id"]
-        .as_str()
-        .expect("conn_id")
-        .parse()
-        .expect("uuid");
-    append_event(
-        &stack,
-        Event {
-            phy_id: PhyId::new("e2e-acker").expect("phy"),
-            conn_id,
-            server_id: ServerId::new(stack.ingest_id.as_str()).expect("server id"),
-            epoch: d["epoch"].as_u64().expect("epoch"),
-            ts_ms: iot_core::time::now_ms(),
-            kind: EventKind::AckTimeout {
-                command_id: uuid::Uuid::new_v4(),
-            },
-        },
-    )
-    .await;
+    // ACK timeout: a command the device never acknowledges times out (the
+    // ingest's ACK timeout is 1 s): offline (1 - 0.3 < 0.75) while
+    // connected, online again when the ACK window is over.
+    let acker = Device::connect_never_acking(port, "e2e-acker").await;
+    stack.wait_state("e2e-acker", true, "heartbeat_fresh").await;
+    let (status, posted) = stack
+        .api
+        .post(
+            "/api/devices/e2e-acker/commands",
+            &serde_json::json!({"name": "reboot", "payload": "now"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{posted}");
+    let id = posted["id"].as_str().expect("command id").to_owned();
     let d = stack.wait_state("e2e-acker", false, "ack_timeout").await;
     assert_eq!(d["connected"], true);
     assert_eq!(f(&d["terms"], "ack_timeout"), -0.3);
     assert!(d["last_ack_timeout"].as_str().is_some());
+    let (_, cmd) = stack.device(&format!("/api/commands/{id}")).await;
+    assert_eq!(cmd["status"], "timed_out", "{cmd}");
     stack.wait_state("e2e-acker", true, "heartbeat_fresh").await;
+    let flips = lifecycle(&stack, "e2e-acker").await;
+    assert_eq!(
+        flips,
+        [
+            (true, "connected".to_owned()),
+            (false, "ack_timeout".to_owned()),
+            (true, "recovered".to_owned()),
+        ],
+        "online flips of the acker"
+    );
 
     // Servers and stats see the ingest and its connections.
     let (status, servers) = stack.device("/api/servers").await;

@@ -389,6 +389,8 @@ async fn bad_input_is_a_json_400_and_unknown_things_a_json_404() {
         ("/api/devices/a%20b".into(), "invalid_phy_id"),
         ("/api/devices/a%2Fb".into(), "invalid_phy_id"),
         ("/api/devices/%7Bx%7D/online".into(), "invalid_phy_id"),
+        // Reserved: the list route owns the name.
+        ("/api/devices/online/online".into(), "invalid_phy_id"),
         (format!("/api/devices/{long}"), "invalid_phy_id"),
         ("/api/devices/%FF%FE".into(), "invalid_path"),
         ("/api/devices/online?limit=abc".into(), "invalid_query"),
@@ -504,6 +506,26 @@ async fn api_routes_need_a_token_and_refuse_without_touching_redis() {
         "/api/stats",
         "/api/unknown",
     ];
+    // Redis commands served, leaving out the health probe's PING and our
+    // own INFO: a refused request must not add to them.
+    let served = |api: &TestApi| -> u64 {
+        api.redis
+            .cli()
+            .raw(&["INFO", "commandstats"])
+            .lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter(|l| !l.starts_with("ping:") && !l.starts_with("info:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let before = served(&api);
     for path in routes {
         for token in [None, Some("wrong"), Some("")] {
             let (status, headers, body) = api.get_raw(path, token).await;
@@ -525,9 +547,18 @@ async fn api_routes_need_a_token_and_refuse_without_touching_redis() {
             .expect("GET");
         assert_eq!(resp.status().as_u16(), 401);
     }
-    // The write token reads too.
+    assert_eq!(
+        served(&api),
+        before,
+        "24 refused requests, not one Redis command"
+    );
+    // The write token reads too (and that does ask Redis: the count works).
     let (status, _) = api.get_as("/api/stats", Some(WRITE)).await;
     assert_eq!(status, 200);
+    assert!(
+        served(&api) > before,
+        "an authorised read is served from Redis"
+    );
 
     // Without Redis, a refused request is still a quick 401 (no Redis call),
     // while an authorised one is a 503.

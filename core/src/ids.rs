@@ -46,7 +46,22 @@ pub enum IdError {
         /// Its byte offset.
         at: usize,
     },
+    /// The identifier is one of [`RESERVED_PHY_IDS`].
+    #[error(
+        "{what} {id:?} is reserved: the REST API could not address it (`/api/devices/online` is the online list; `.` and `..` are path segments)"
+    )]
+    Reserved {
+        /// Which identifier.
+        what: &'static str,
+        /// The identifier.
+        id: &'static str,
+    },
 }
+
+/// phyIDs no device may have: `online` (`GET /api/devices/online` is the
+/// online list, so the device's own routes could never be reached), and `.`
+/// and `..` (HTTP clients fold them out of URL paths).
+pub const RESERVED_PHY_IDS: [&str; 3] = ["online", ".", ".."];
 
 fn validate(what: &'static str, s: &str, max: usize) -> Result<(), IdError> {
     if s.is_empty() {
@@ -78,6 +93,9 @@ impl PhyId {
     pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
         let s = s.into();
         validate("phyID", &s, PHY_ID_MAX_LEN)?;
+        if let Some(id) = RESERVED_PHY_IDS.iter().find(|r| **r == s) {
+            return Err(IdError::Reserved { what: "phyID", id });
+        }
         Ok(Self(s))
     }
 
@@ -233,6 +251,16 @@ mod tests {
         }
         let msg = PhyId::new("a:b").unwrap_err().to_string();
         assert!(msg.contains("phyID") && msg.contains("':'"), "{msg}");
+        for reserved in ["online", ".", ".."] {
+            assert!(
+                matches!(PhyId::new(reserved), Err(IdError::Reserved { .. })),
+                "{reserved}"
+            );
+        }
+        // Only the exact names: these are ordinary devices.
+        for ok in ["Online", "online-1", "...", ".a"] {
+            assert!(PhyId::new(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

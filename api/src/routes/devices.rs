@@ -248,7 +248,9 @@ pub async fn device(
 
 /// The seed's IsOnlineWeighted with the caller's policy: any policy field
 /// may be given as a query parameter (the rest come from the config), and
-/// the answer is exact for `now` (default: the current time).
+/// the answer is exact for `now` (default: the current time). A registered
+/// device without a session view is offline (`never_seen`); a device that
+/// is neither is 404.
 #[utoipa::path(get, path = "/api/devices/{phyID}/online", tag = "devices",
     params(
         ("phyID" = String, Path, description = "The device: 1 to 64 characters of [A-Za-z0-9._-]",
@@ -260,7 +262,7 @@ pub async fn device(
         (status = 200, description = "The answer, explained", body = OnlineAnswer),
         (status = 400, description = "Invalid phyID or policy parameter", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
-        (status = 404, description = "No session for this device", body = ErrorBody),
+        (status = 404, description = "No session for this device, and it is not registered", body = ErrorBody),
         (status = 503, description = "Redis unavailable", body = ErrorBody),
     ))]
 pub async fn device_online(
@@ -271,7 +273,16 @@ pub async fn device_online(
     let policy = q.policy(&state.policy)?;
     let now = now_or(q.now.as_deref(), now_ms())?;
     let (dev, lag) = state.redis(presence::device(&state, &phy)).await?;
-    let dev = dev.ok_or_else(|| not_found(&phy))?;
+    let dev = match dev {
+        Some(d) => d,
+        // Registered but never seen (or its view expired): offline, as for
+        // `GET /api/devices/{phyID}`.
+        None if registry::presence_lookup(&state, &phy).await.is_some() => presence::Device {
+            view: iot_core::SessionView::default(),
+            projected: presence::Projected::default(),
+        },
+        None => return Err(not_found(&phy)),
+    };
     let input = dev.view.policy_input();
     let eval = policy.evaluate(&input, now);
     Ok(Json(OnlineAnswer {
