@@ -135,9 +135,8 @@ local function merge(s, w, ev)
     end
   end
 
-  -- Heartbeats never bind (SessionView::apply_parts).
-  if k == 'h' then return nil end
-
+  -- Binding: highest epoch, every kind (a heartbeat too, without
+  -- connected_at).
   local superseded = nil
   local ep = tonumber(ev.epoch)
   local cur = tonumber(s.epoch or '0')
@@ -351,7 +350,7 @@ end
 -- record, a connection-key touch record, or nil when nothing outside the
 -- slot needs doing. force: always return the full record (redelivered
 -- entries). Heartbeats do not come here: the seen set takes those of
--- online devices, the full merge the others.
+-- devices online at an epoch at least theirs, the full merge the others.
 local function beat(key, phy, ev, force)
   local cur = redis.call('HMGET', key, 'epoch', 'last_seen', 'conn_id')
   -- No last_seen: a new view, or one without a sign of life yet (whose
