@@ -331,8 +331,8 @@ impl Projection {
     }
 
     /// Index updates (one index call per shard and chunk) and the
-    /// single-key follow-ups, in one pipeline. `now_ms` dates a view found
-    /// gone.
+    /// single-key follow-ups, in one pipeline. `now_ms`: when the records
+    /// were evaluated (it also dates a view found gone).
     async fn follow_up<C: ConnectionLike>(
         &self,
         conn: &mut C,
@@ -376,6 +376,7 @@ impl Projection {
                     s,
                     *shard,
                     lifecycle == Lifecycle::Quiet,
+                    now_ms,
                     chunk,
                 ));
             }

@@ -264,8 +264,16 @@ impl Scripts {
         cmd
     }
 
-    /// Applies index updates to one shard.
-    pub fn index(&self, s: &Settings, shard: u16, quiet: bool, updates: &[IndexUpdate]) -> Cmd {
+    /// Applies index updates to one shard; `now_ms`: when the records were
+    /// evaluated.
+    pub fn index(
+        &self,
+        s: &Settings,
+        shard: u16,
+        quiet: bool,
+        now_ms: i64,
+        updates: &[IndexUpdate],
+    ) -> Cmd {
         let k = &s.keys;
         let keys = [
             k.online(shard),
@@ -279,7 +287,9 @@ impl Scripts {
         let mut cmd = self.fcall("index", &keys);
         // '' for no cap: the archiver trims.
         cmd.arg(s.maxlen.map(|m| m.to_string()).unwrap_or_default())
-            .arg(if quiet { "1" } else { "0" });
+            .arg(if quiet { "1" } else { "0" })
+            .arg(now_ms)
+            .arg(s.policy.heartbeat_timeout_ms);
         for u in updates {
             u.write_args(&mut cmd);
         }

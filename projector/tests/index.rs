@@ -1,7 +1,8 @@
 //! The shard-level scripts and the lag measurement on a real Redis: stale
 //! revisions are ignored, lifecycle entries appear only on flips, due times
 //! only move earlier, leases hand a device to one evaluator and come back
-//! when it dies, a view found gone leaves every index; lag counts pending
+//! when it dies, a view found gone leaves every index, a heartbeat racing
+//! an evaluation causes no false offline; lag counts pending
 //! and undelivered entries; lost scripts are reloaded.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -74,7 +75,9 @@ async fn lifecycle_entries_are_uncapped_when_the_archiver_trims() {
             lease: false,
         },
     ];
-    let cmd = p.scripts().index(p.settings(), shard, false, &updates);
+    let cmd = p
+        .scripts()
+        .index(p.settings(), shard, false, 5000, &updates);
     let flips = parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap();
     assert_eq!(flips.len(), 2);
     let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
@@ -97,7 +100,7 @@ async fn index_ignores_stale_revisions_and_flips_once() {
     let s = p.settings();
     let shared = conn.clone();
     let send = |u: IndexUpdate| {
-        let cmd = p.scripts().index(s, shard, false, &[u]);
+        let cmd = p.scripts().index(s, shard, false, 5000, &[u]);
         let mut conn = shared.clone();
         async move { parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap() }
     };
@@ -380,9 +383,6 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
         .unwrap();
     assert_eq!(applied.flips.len(), 1);
     assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
-    // A heartbeat could have raced the evaluation: it is looked at again.
-    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
-    assert_eq!(due, Some((t + 1000 + h + 1) as f64));
     let back = t + 1000 + h + 10;
     let applied = p
         .apply(
@@ -406,4 +406,76 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
     assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
     let seen: Option<i64> = conn.zscore(keys.seen(shard), d).await.unwrap();
     assert_eq!(seen, None);
+}
+
+#[tokio::test]
+async fn a_heartbeat_racing_the_due_evaluation_writes_no_false_offline() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let d = "dev-r";
+    let shard = shard_of(d, SHARDS);
+    let h = p.settings().policy.heartbeat_timeout_ms;
+    let t = iot_core::time::now_ms();
+    let item = |entry| Item {
+        entry,
+        redelivered: false,
+    };
+    p.apply(
+        &mut conn,
+        &[item(Entry::Event(ev(d, 1, "s", t, connected())))],
+        Lifecycle::Emit,
+        t,
+    )
+    .await
+    .unwrap();
+    // At the heartbeat expiry the due round leased the device and read its
+    // seen score (none yet); then a heartbeat reached the seen set, before
+    // the evaluation's index update.
+    let beat = t + h;
+    let applied = p
+        .apply(
+            &mut conn,
+            &[item(beats("s", &[(d, 1, beat)]))],
+            Lifecycle::Emit,
+            beat,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.seen_only, 1);
+    let at = t + h + 1;
+    let applied = p
+        .evaluate(&mut conn, &[(phy(d), None)], true, at)
+        .await
+        .unwrap();
+    assert!(applied.flips.is_empty(), "refused: {:?}", applied.flips);
+    assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
+    assert_eq!(due, Some(at as f64), "evaluated again at once");
+
+    // The next round folds the heartbeat in: online all along.
+    let (applied, _) = projector::due::round(&mut conn, &p, at + 100)
+        .await
+        .unwrap();
+    assert_eq!(applied.evaluated, 1);
+    assert!(applied.flips.is_empty(), "{:?}", applied.flips);
+    assert_eq!(view(&mut conn, &keys, d).await["online"], "1");
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(l.len(), 1, "no offline/online pair: {l:?}");
+
+    // Once that heartbeat expired too, the flip goes through.
+    let (applied, _) = projector::due::round(&mut conn, &p, beat + h + 1)
+        .await
+        .unwrap();
+    assert_eq!(applied.flips.len(), 1, "{:?}", applied.flips);
+    assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.iter()
+            .map(|t| (t.online, t.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(true, "connected"), (false, "heartbeat_expired")]
+    );
 }

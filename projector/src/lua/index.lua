@@ -3,7 +3,8 @@
 -- bound.
 --
 -- Arguments: lifecycle maxlen ('' for no cap: the archiver trims), quiet (1:
--- no lifecycle entries), then records of 10:
+-- no lifecycle entries), now ms (when the records were evaluated),
+-- heartbeat timeout ms, then records of 10:
 --   op ('u' update, 'g' gone), phy, online (1/0), rev, lifecycle reason,
 --   at ms, epoch, due ms ('' none), known ms ('' none), lease (1: remove the
 --   due lease 'L:phy').
@@ -16,6 +17,11 @@
 -- the bound epoch of its newest state (raised by a state of the same
 -- revision too: a takeover while online does not flip); the view's epoch
 -- never goes back, so the stored one is never above the view's.
+-- A flip to offline for heartbeat_expired is refused while the seen set
+-- holds a heartbeat within the timeout of `now`: that heartbeat reached the
+-- seen set after the evaluation read it (the evaluation would have found it
+-- fresh), so the device is evaluated again at once instead (the due round
+-- folds the newest score in), and no false offline/online pair is written.
 -- The due time only ever moves earlier here (ZADD LT): an early evaluation is
 -- harmless, a late one is not. 'g' (the view expired; rev = the evaluation's
 -- now) removes the device from every index and the seen set unless a newer
@@ -31,8 +37,10 @@ redis.register_function(FN .. 'index', function(keys, args)
     end
   end
   local quiet = args[2] == '1'
+  local now = tonumber(args[3])
+  local hb = tonumber(args[4])
   local out = {}
-  local i = 3
+  local i = 5
   while i + 9 <= #args do
     local op, phy, on, rev, lc, at, epoch, due, known, lease =
       args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4],
@@ -43,13 +51,14 @@ redis.register_function(FN .. 'index', function(keys, args)
       if not cur or tonumber(rev) > tonumber(cur) then
         local member = redis.call('ZSCORE', keys[1], phy)
         local flip = (on == '1') ~= (member ~= false)
-        if flip and on == '0' and lc == 'heartbeat_expired' and redis.call('ZSCORE', keys[6], phy) then
-          -- A heartbeat may have reached the seen set after the evaluation
-          -- read it and found the device online: look again at once (the
-          -- next due round folds the newest score in).
-          redis.call('ZADD', keys[4], 'LT', at, phy)
+        local refuse = false
+        if flip and on == '0' and lc == 'heartbeat_expired' then
+          local seen = redis.call('ZSCORE', keys[6], phy)
+          refuse = seen ~= false and tonumber(seen) >= now - hb
         end
-        do
+        if refuse then
+          redis.call('ZADD', keys[4], 'LT', now, phy)
+        else
           redis.call('HSET', keys[2], phy, rev)
           if on == '1' then
             if not member then redis.call('ZADD', keys[1], 0, phy) end
