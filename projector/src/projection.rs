@@ -355,11 +355,15 @@ impl Projection {
                             lease: f.lease,
                         });
                 }
-                Outcome::TouchConn { phy, conn } => {
-                    self.touch_conn(&mut pipe, &phy, &conn);
+                Outcome::TouchConn {
+                    phy,
+                    conn,
+                    expires_ms,
+                } => {
+                    self.touch_conn(&mut pipe, &phy, &conn, expires_ms - now_ms);
                 }
                 Outcome::Settled(record) => {
-                    self.bindings(&mut pipe, &record);
+                    self.bindings(&mut pipe, &record, now_ms);
                     by_shard
                         .entry(shard_of(&record.phy, s.shards))
                         .or_default()
@@ -396,24 +400,25 @@ impl Projection {
         Ok(flips)
     }
 
-    fn touch_conn(&self, pipe: &mut redis::Pipeline, phy: &str, conn: &str) {
+    /// Sets the connection key to expire in `ttl_ms` (with its view: the
+    /// view's expiry less the `now` it was computed for).
+    fn touch_conn(&self, pipe: &mut redis::Pipeline, phy: &str, conn: &str, ttl_ms: i64) {
         if let Ok(id) = Uuid::parse_str(conn) {
             pipe.cmd("SET")
                 .arg(self.settings.keys.conn(&id))
                 .arg(phy)
                 .arg("PX")
-                .arg(self.settings.ttl_ms)
+                .arg(ttl_ms.max(1))
                 .ignore();
         }
     }
 
-    /// The connection key and the instance's connection set of a record.
-    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record) {
+    /// The connection key and the instance's connection set of a record
+    /// evaluated at `now_ms`.
+    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record, now_ms: i64) {
         let keys = &self.settings.keys;
-        if let Some(conn) = &r.conn
-            && r.touch_conn
-        {
-            self.touch_conn(pipe, &r.phy, conn);
+        if let (Some(conn), Some(expires)) = (&r.conn, r.conn_expires_ms) {
+            self.touch_conn(pipe, &r.phy, conn, expires - now_ms);
         }
         if !r.binding {
             return;

@@ -371,6 +371,8 @@ pub enum Outcome {
         phy: String,
         /// Its bound connection.
         conn: String,
+        /// The view's new expiry, ms (the caller's clock).
+        expires_ms: i64,
     },
     /// The view was merged or evaluated: the shard index must follow.
     Settled(Record),
@@ -406,8 +408,9 @@ pub struct Record {
     pub live: bool,
     /// The binding this call replaced (connection, instance).
     pub superseded: Option<(String, String)>,
-    /// Refresh the bound connection's key.
-    pub touch_conn: bool,
+    /// The view's expiry moved to this (ms, the caller's clock): give the
+    /// bound connection's key the same.
+    pub conn_expires_ms: Option<i64>,
     /// When the online state last changed, ms.
     pub since: i64,
     /// The call merged an event through the full path: maintain the
@@ -453,6 +456,7 @@ impl Outcome {
             "n" => Ok(Outcome::TouchConn {
                 phy: r[0].clone(),
                 conn: r[10].clone(),
+                expires_ms: num(15)?,
             }),
             "i" => Ok(Outcome::Settled(Record {
                 phy: r[0].clone(),
@@ -468,7 +472,11 @@ impl Outcome {
                 server: nonempty(&r[11]),
                 live: r[12] == "1",
                 superseded: nonempty(&r[13]).map(|c| (c, r[14].clone())),
-                touch_conn: r[15] == "1",
+                conn_expires_ms: if r[15].is_empty() {
+                    None
+                } else {
+                    Some(num(15)?)
+                },
                 since: num(16)?,
                 binding: r[17] == "1",
             })),

@@ -45,7 +45,7 @@ fn record(phy: &str, online: bool, rev: u64, due: i64) -> Record {
         server: None,
         live: true,
         superseded: None,
-        touch_conn: false,
+        conn_expires_ms: None,
         since: 1000,
         binding: false,
     }
@@ -372,10 +372,28 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
     assert!(applied.flips.is_empty(), "{:?}", applied.flips);
     assert_eq!(hash_last_seen(&mut conn).await, Some(t + 1000));
     assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    // Both now expire TTL after the newest heartbeat, not after the
+    // evaluation.
+    let left = t + 1000 + ttl - (t + h + 1);
     let pttl: i64 = conn.pttl(keys.device(&phy(d))).await.unwrap();
-    assert!(pttl > ttl - 60_000, "view TTL renewed: {pttl} of {ttl}");
+    assert!(
+        pttl <= left && pttl > left - 10_000,
+        "view TTL {pttl}, want {left}"
+    );
     let conn_key: Option<String> = conn.get(keys.conn(&conn_of(d, 1))).await.unwrap();
     assert_eq!(conn_key.as_deref(), Some(d), "connection key renewed");
+    let conn_pttl: i64 = conn.pttl(keys.conn(&conn_of(d, 1))).await.unwrap();
+    assert!(
+        conn_pttl <= left && conn_pttl > left - 10_000,
+        "connection key TTL {conn_pttl}, want {left}"
+    );
+    // An evaluation with nothing newer leaves both alone.
+    let _: () = conn.pexpire(keys.device(&phy(d)), ttl).await.unwrap();
+    p.evaluate(&mut conn, &[(phy(d), Some(t + 1000))], false, t + h + 2)
+        .await
+        .unwrap();
+    let pttl: i64 = conn.pttl(keys.device(&phy(d))).await.unwrap();
+    assert!(pttl > left, "never shortened: {pttl}");
 
     // Expired, then a heartbeat: not online, so it goes to the view.
     let (applied, _) = projector::due::round(&mut conn, &p, t + 1000 + h + 1)
