@@ -10,7 +10,9 @@
 //! bound sets, revisions, lifecycle, due and known sets) is updated by a second function
 //! that accepts a state only if its revision is newer than the stored one.
 //! Every multi-key operation stays in one hash slot (the device's `{phy}` or
-//! the shard's `{n}`), so it all works on Redis Cluster.
+//! the shard's `{n}`), except the consumer's read of all shard streams in
+//! one `XREADGROUP` (see [`consumer`]), which must be split per slot before
+//! the projector can run on Redis Cluster.
 //!
 //! Heartbeats take the cheapest path: one `ZADD GT` per shard and batch into
 //! the shard's seen set (`presence:seen:{n}`) and one `ZMSCORE` of the
