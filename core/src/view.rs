@@ -194,7 +194,8 @@ impl SessionView {
     }
 
     /// Raises `last_seen` to `seen`, the device's score in the shard's
-    /// seen set (where heartbeats of online devices are kept).
+    /// seen set (where the projector keeps the heartbeats that could only
+    /// move `last_seen`).
     pub fn fold_seen(&mut self, seen: Option<i64>) {
         if let Some(t) = seen {
             self.last_seen = max_opt(self.last_seen, t);
