@@ -129,11 +129,21 @@ impl Keys {
     }
 
     /// Sorted set phyID -> ms of the newest heartbeat of each device of a
-    /// shard (`ZADD GT`). Heartbeats of an online device go only here; the
-    /// view's `last_seen` is the larger of the hash field and this score
-    /// (see [`crate::SessionView::fold_seen`]).
+    /// shard (`ZADD GT`). Heartbeats of a device online at an epoch at least
+    /// theirs (see [`bound`](Self::bound)) go only here; the view's
+    /// `last_seen` is the larger of the hash field and this score (see
+    /// [`crate::SessionView::fold_seen`]).
     pub fn seen(&self, shard: u16) -> String {
         self.k(format_args!("presence:seen:{{{shard}}}"))
+    }
+
+    /// Sorted set phyID -> the bound epoch of each device of a shard that is
+    /// in the online index (a member exactly while it is online there).
+    /// Written by the projector with the online index; a heartbeat whose
+    /// epoch is at most this score cannot change the view beyond
+    /// `last_seen`, so it goes to the [`seen`](Self::seen) set only.
+    pub fn bound(&self, shard: u16) -> String {
+        self.k(format_args!("presence:bound:{{{shard}}}"))
     }
 
     /// Sorted set phyID -> ms: when each device of a shard must be evaluated
@@ -250,6 +260,9 @@ mod tests {
         assert_eq!(k.online(7), "presence:online:{7}");
         assert_eq!(k.presence_rev(7), "presence:rev:{7}");
         assert_eq!(k.due(7), "presence:due:{7}");
+        assert_eq!(k.known(7), "presence:known:{7}");
+        assert_eq!(k.seen(7), "presence:seen:{7}");
+        assert_eq!(k.bound(7), "presence:bound:{7}");
     }
 
     #[test]

@@ -9,16 +9,20 @@
 //!   belongs to the highest epoch seen. An event of a lower epoch never binds
 //!   or unbinds. Within the bound epoch, `connected_at` and `ended` merge by
 //!   max, so a tcp_down that arrives before its own `connected` still wins.
-//!   Heartbeats never bind: they only move `last_seen` (every connection's
-//!   `connected` event binds it), which lets the projector keep the
-//!   heartbeats of online devices out of the view (see below).
+//!   Every kind binds at a higher epoch, heartbeats too (like `connected`
+//!   but without `connected_at`): a view that lost its binding (expired, or
+//!   rebuilt after the `connected` entry was trimmed) gets it back from the
+//!   connection's next heartbeat.
 //!
 //! In Redis, `last_seen` lives in two places: the view's hash field and the
 //! shard's `presence:seen:{shard}` sorted set, where the projector puts the
-//! heartbeats of devices that are online (one `ZADD GT` per batch instead
-//! of a script call per heartbeat). The stored view is the hash with
-//! `last_seen` raised to the seen score ([`SessionView::fold_seen`]); both
-//! are max-merged, so the pair is a semilattice as well.
+//! heartbeats of devices that are online at an epoch at least the
+//! heartbeat's (one `ZADD GT` per batch instead of a script call per
+//! heartbeat). Such a heartbeat could only move `last_seen`: its epoch is not
+//! higher than the bound one, so it would not bind. The stored view is the
+//! hash with `last_seen` raised to the seen score
+//! ([`SessionView::fold_seen`]); both are max-merged, so the pair is a
+//! semilattice as well.
 //!
 //! The projector applies the same rules inside Redis (a Lua script); its tests
 //! check the script against [`SessionView::apply`].
@@ -166,10 +170,8 @@ impl SessionView {
             }
         }
 
-        // Binding: highest epoch; heartbeats never bind.
-        if matches!(kind, EventKind::Heartbeat) {
-            return;
-        }
+        // Binding: highest epoch (any kind; a heartbeat leaves
+        // `connected_at` unset, like every kind but `connected`).
         if epoch > self.epoch {
             self.epoch = epoch;
             self.conn_id = Some(conn_id);
@@ -192,7 +194,8 @@ impl SessionView {
     }
 
     /// Raises `last_seen` to `seen`, the device's score in the shard's
-    /// seen set (where heartbeats of online devices are kept).
+    /// seen set (where the projector keeps the heartbeats that could only
+    /// move `last_seen`).
     pub fn fold_seen(&mut self, seen: Option<i64>) {
         if let Some(t) = seen {
             self.last_seen = max_opt(self.last_seen, t);
@@ -403,15 +406,33 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_move_last_seen_but_never_bind() {
+    fn a_heartbeat_of_a_higher_epoch_binds_without_connected_at() {
         let v = fold(&[ev(1, 100, connected()), ev(2, 150, EventKind::Heartbeat)]);
-        assert_eq!(v.epoch, 1, "a heartbeat of a newer epoch does not bind");
+        assert_eq!(v.epoch, 2, "a heartbeat of a newer epoch binds");
+        assert_eq!(v.conn_id, Some(Uuid::from_u128(2)));
+        assert_eq!(v.server_id, Some(srv(2)));
+        assert_eq!(v.connected_at, None);
+        assert!(v.connected());
         assert_eq!(v.last_seen, Some(150));
+        // A view that lost its binding gets it back from a heartbeat.
         let only = fold(&[ev(3, 10, EventKind::Heartbeat)]);
         assert_eq!(
-            (only.epoch, only.conn_id, only.last_seen),
-            (0, None, Some(10))
+            (only.epoch, only.conn_id, only.connected_at, only.last_seen),
+            (3, Some(Uuid::from_u128(3)), None, Some(10))
         );
+        // One of a lower or the same epoch only moves last_seen.
+        let same = fold(&[
+            ev(2, 100, connected()),
+            ev(2, 120, EventKind::Heartbeat),
+            ev(1, 130, EventKind::Heartbeat),
+        ]);
+        assert_eq!((same.epoch, same.connected_at), (2, Some(100)));
+        assert_eq!(same.last_seen, Some(130));
+    }
+
+    #[test]
+    fn fold_seen_only_raises_last_seen() {
+        let v = fold(&[ev(1, 100, connected()), ev(1, 150, EventKind::Heartbeat)]);
         let mut folded = v.clone();
         folded.fold_seen(Some(120));
         assert_eq!(folded, v, "an older seen score changes nothing");
@@ -545,11 +566,17 @@ mod tests {
             aside in prop::collection::vec(any::<bool>(), 1..31),
         ) {
             // The projector keeps some heartbeats out of the hash (in the
-            // seen set); hash + seen score must give the merge of all.
+            // seen set): those whose epoch is not above the bound one when
+            // they arrive (it checks the bound epoch the online index
+            // holds, which is never above the view's). Hash + seen score
+            // must give the merge of all.
             let mut v = SessionView::default();
             let mut seen: Option<i64> = None;
             for (i, e) in events.iter().enumerate() {
-                if matches!(e.kind, EventKind::Heartbeat) && aside[i % aside.len()] {
+                if matches!(e.kind, EventKind::Heartbeat)
+                    && e.epoch <= v.epoch
+                    && aside[i % aside.len()]
+                {
                     seen = Some(seen.map_or(e.ts_ms, |s| s.max(e.ts_ms)));
                 } else {
                     v.apply(e);

@@ -193,6 +193,18 @@ impl Consumer {
         tracing::info!(consumer = %consumer, "consumer stopped");
     }
 
+    /// Reads new entries of every shard with one blocking `XREADGROUP`.
+    ///
+    /// Not Redis Cluster ready: one `XREADGROUP ... STREAMS` over all the
+    /// shard streams is a multi-key command across hash slots (each stream
+    /// carries its shard's tag, `stream:events:{n}`), which a cluster
+    /// refuses with CROSSSLOT. The same holds for
+    /// [`read_own_pending`](Self::read_own_pending). There is no cluster
+    /// client yet; with one, the read must be split per slot (one
+    /// `XREADGROUP` per shard, or per group of shards that share a node
+    /// and a slot), for example one blocking reader per shard or a
+    /// non-blocking round over the shards. Everything after the read
+    /// (device, index and due functions) already stays within one slot.
     async fn read_new(&self, conn: &mut ConnectionManager) -> RedisResult<Vec<StreamEntry>> {
         let s = self.projection.settings();
         let block_ms = u64::try_from(s.block.as_millis())
@@ -217,7 +229,8 @@ impl Consumer {
 
     /// Reads this consumer's own pending entries (delivered before a
     /// restart), shard by shard, advancing `cursors`; a shard with nothing
-    /// left is dropped from them.
+    /// left is dropped from them. Like [`read_new`](Self::read_new), one
+    /// command over several shard streams: not valid on Redis Cluster.
     async fn read_own_pending(
         &self,
         conn: &mut ConnectionManager,

@@ -3,11 +3,12 @@
 //! from their records (the shard index, the connection key, the instance's
 //! connection set).
 //!
-//! Three round trips per batch, each a pipeline (see [`Projection::apply`]).
+//! Three round trips per batch (four when a heartbeat takes the device
+//! function), each a pipeline (see [`Projection::apply`]).
 //! Every step is idempotent, so a batch that failed half-way is simply
 //! applied again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use iot_core::keys::shard_of;
@@ -17,7 +18,7 @@ use redis::{RedisResult, Value};
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::script::{Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score};
+use crate::script::{Beat, Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score};
 use crate::settings::Settings;
 use crate::stream::event_in_range;
 
@@ -49,6 +50,9 @@ pub struct Applied {
     pub flips: Vec<Flip>,
     /// Devices evaluated (due loop).
     pub evaluated: u64,
+    /// Heartbeats that went to the seen set only (their device was online
+    /// at an epoch at least theirs).
+    pub seen_only: u64,
 }
 
 /// How index updates are written.
@@ -95,16 +99,23 @@ impl Projection {
     /// Applies decoded entries at `now_ms`.
     ///
     /// Three pipelined round trips: (1) the heartbeats into the shards' seen
-    /// sets, and the seen scores of the devices with other events; (2) the
-    /// device function for every other event and for every heartbeating
-    /// device that was not online; (3) the index follow-ups. Heartbeats of
-    /// online devices end at (1). Within a batch the heartbeats are thus
-    /// merged before the other events, which the merge allows (it is
-    /// order-independent).
-    pub async fn apply<C: ConnectionLike>(
+    /// sets (`ZADD GT`) with their devices' bound epochs (`ZMSCORE` of the
+    /// shard's bound set), and the seen scores of the devices with other
+    /// events; (2) the device function for every other event and for every
+    /// heartbeat that may change more than `last_seen`; (3) the index
+    /// follow-ups. A heartbeat of a device that is online at an epoch at
+    /// least the heartbeat's ends at (1): applied to the view it would only
+    /// move `last_seen` (it cannot bind, and a fresher heartbeat cannot make
+    /// an online device offline), and the seen set holds that. The others
+    /// (device not online, or a newer connection: the heartbeat binds) take
+    /// the device function, after one more round trip (1b) for their seen
+    /// scores, so that it evaluates them on everything seen. Within a batch
+    /// the heartbeats are thus merged before the other events, which the
+    /// merge allows (it is order-independent).
+    pub async fn apply<'a, C: ConnectionLike>(
         &self,
         conn: &mut C,
-        items: &[Item],
+        items: &'a [Item],
         lifecycle: Lifecycle,
         now_ms: i64,
     ) -> RedisResult<Applied> {
@@ -112,7 +123,7 @@ impl Projection {
         let mut applied = Applied::default();
         let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
         // Heartbeats by (shard, redelivered), and the other events.
-        let mut beats: BTreeMap<(u16, bool), Vec<(&str, i64)>> = BTreeMap::new();
+        let mut beats: BTreeMap<(u16, bool), Vec<Beat<'_>>> = BTreeMap::new();
         let mut events: Vec<(&Event, bool)> = Vec::new();
         for item in items {
             match &item.entry {
@@ -128,7 +139,13 @@ impl Projection {
                         beats
                             .entry((shard_of(ev.phy_id.as_str(), s.shards), item.redelivered))
                             .or_default()
-                            .push((ev.phy_id.as_str(), ev.ts_ms));
+                            .push(Beat {
+                                phy: &ev.phy_id,
+                                conn: ev.conn_id,
+                                server: &ev.server_id,
+                                epoch: ev.epoch,
+                                ts_ms: ev.ts_ms,
+                            });
                     } else {
                         events.push((ev, item.redelivered));
                     }
@@ -144,7 +161,13 @@ impl Projection {
                         beats
                             .entry((shard_of(b.phy_id.as_str(), s.shards), item.redelivered))
                             .or_default()
-                            .push((b.phy_id.as_str(), b.ts_ms));
+                            .push(Beat {
+                                phy: &b.phy_id,
+                                conn: b.conn_id,
+                                server: &batch.server_id,
+                                epoch: b.epoch,
+                                ts_ms: b.ts_ms,
+                            });
                     }
                     *kinds.entry("heartbeat").or_default() += n;
                 }
@@ -155,30 +178,35 @@ impl Projection {
         }
 
         // (1) Seen sets (plain commands: a function call costs more than
-        // the work), whether those devices are online, then the seen scores
-        // of the other events' devices (after the ZADDs, so they include
-        // this batch's heartbeats).
+        // the work), the bound epochs of those devices, then the seen
+        // scores of the other events' devices (after the ZADDs, so they
+        // include this batch's heartbeats).
         let mut pipe = redis::pipe();
-        let mut asked: Vec<&[(&str, i64)]> = Vec::new();
-        // Devices that heartbeat and were not online: their newest beat.
-        let mut wake: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut asked: Vec<&[Beat<'_>]> = Vec::new();
+        // Heartbeats that may change more than last_seen, merged per device.
+        let mut wake: BTreeMap<&str, Beat<'_>> = BTreeMap::new();
+        let mut woken = |b: Beat<'a>| match wake.entry(b.phy.as_str()) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(b);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().absorb(b),
+        };
         for ((shard, redelivered), list) in &beats {
             for chunk in list.chunks(SEEN_CHUNK) {
                 let zadd = pipe.cmd("ZADD").arg(s.keys.seen(*shard)).arg("GT");
-                for (phy, ts) in chunk {
-                    zadd.arg(*ts).arg(*phy);
+                for b in chunk {
+                    zadd.arg(b.ts_ms).arg(b.phy.as_str());
                 }
                 zadd.ignore();
                 if *redelivered {
                     // Their index update may have been lost: merge them all.
-                    for (phy, ts) in chunk {
-                        let e = wake.entry(phy).or_insert(*ts);
-                        *e = (*e).max(*ts);
+                    for b in chunk {
+                        woken(*b);
                     }
                 } else {
                     pipe.cmd("ZMSCORE")
-                        .arg(s.keys.online(*shard))
-                        .arg(chunk.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+                        .arg(s.keys.bound(*shard))
+                        .arg(chunk.iter().map(|b| b.phy.as_str()).collect::<Vec<_>>());
                     asked.push(chunk);
                 }
             }
@@ -196,21 +224,44 @@ impl Projection {
         let replies = pipe.query_async::<Vec<Value>>(conn).await?;
         let mut replies = replies.into_iter();
         for (chunk, reply) in asked.iter().zip(replies.by_ref()) {
-            let online: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
-            for ((phy, ts), on) in chunk.iter().zip(online) {
-                if on.is_none() {
-                    let e = wake.entry(phy).or_insert(*ts);
-                    *e = (*e).max(*ts);
+            let bound: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
+            for (b, bound) in chunk.iter().zip(bound) {
+                // Online at an epoch at least the heartbeat's: the view
+                // would take nothing from it but last_seen, which the seen
+                // set now holds.
+                let covered = bound
+                    .as_deref()
+                    .and_then(parse_score)
+                    .is_some_and(|e| u64::try_from(e).is_ok_and(|e| e >= b.epoch));
+                if covered {
+                    applied.seen_only += 1;
+                } else {
+                    woken(*b);
                 }
             }
         }
-        let mut seen_of: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        let mut seen_of: HashMap<&str, i64> = HashMap::new();
         for ((_, phys), reply) in event_shards.iter().zip(replies.by_ref()) {
-            let scores: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
-            for (phy, score) in phys.iter().zip(scores) {
-                if let Some(t) = score.as_deref().and_then(parse_score) {
-                    seen_of.insert(phy, t);
-                }
+            read_scores(&mut seen_of, phys, reply)?;
+        }
+
+        // (1b) Rarely: the seen scores of the heartbeating devices that take
+        // the device function, so that it evaluates them on everything seen.
+        if !wake.is_empty() {
+            let mut wake_shards: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+            for phy in wake.keys() {
+                wake_shards
+                    .entry(shard_of(phy, s.shards))
+                    .or_default()
+                    .push(phy);
+            }
+            let mut pipe = redis::pipe();
+            for (shard, phys) in &wake_shards {
+                pipe.cmd("ZMSCORE").arg(s.keys.seen(*shard)).arg(phys);
+            }
+            let replies = pipe.query_async::<Vec<Value>>(conn).await?;
+            for ((_, phys), reply) in wake_shards.iter().zip(replies) {
+                read_scores(&mut seen_of, phys, reply)?;
             }
         }
 
@@ -220,14 +271,12 @@ impl Projection {
             let seen = seen_of.get(ev.phy_id.as_str()).copied();
             pipe.add_command(self.scripts.device_event(s, now_ms, ev, *redelivered, seen));
         }
-        for (phy, seen) in &wake {
-            match PhyId::new(*phy) {
-                Ok(id) => {
-                    pipe.add_command(self.scripts.device_seen(s, now_ms, &id, *seen));
-                }
-                Err(e) => tracing::warn!(phy = %phy, error = %e,
-                    "invalid phyID in a heartbeat; ignored"),
-            }
+        for (phy, beat) in &wake {
+            let seen = seen_of
+                .get(phy)
+                .copied()
+                .map_or(beat.ts_ms, |t| t.max(beat.ts_ms));
+            pipe.add_command(self.scripts.device_beat(s, now_ms, beat, seen));
         }
         let mut follow = Vec::new();
         if !pipe.is_empty() {
@@ -282,8 +331,8 @@ impl Projection {
     }
 
     /// Index updates (one index call per shard and chunk) and the
-    /// single-key follow-ups, in one pipeline. `now_ms` dates a view found
-    /// gone.
+    /// single-key follow-ups, in one pipeline. `now_ms`: when the records
+    /// were evaluated (it also dates a view found gone).
     async fn follow_up<C: ConnectionLike>(
         &self,
         conn: &mut C,
@@ -306,11 +355,15 @@ impl Projection {
                             lease: f.lease,
                         });
                 }
-                Outcome::TouchConn { phy, conn } => {
-                    self.touch_conn(&mut pipe, &phy, &conn);
+                Outcome::TouchConn {
+                    phy,
+                    conn,
+                    expires_ms,
+                } => {
+                    self.touch_conn(&mut pipe, &phy, &conn, expires_ms - now_ms);
                 }
                 Outcome::Settled(record) => {
-                    self.bindings(&mut pipe, &record);
+                    self.bindings(&mut pipe, &record, now_ms);
                     by_shard
                         .entry(shard_of(&record.phy, s.shards))
                         .or_default()
@@ -327,6 +380,7 @@ impl Projection {
                     s,
                     *shard,
                     lifecycle == Lifecycle::Quiet,
+                    now_ms,
                     chunk,
                 ));
             }
@@ -346,24 +400,25 @@ impl Projection {
         Ok(flips)
     }
 
-    fn touch_conn(&self, pipe: &mut redis::Pipeline, phy: &str, conn: &str) {
+    /// Sets the connection key to expire in `ttl_ms` (with its view: the
+    /// view's expiry less the `now` it was computed for).
+    fn touch_conn(&self, pipe: &mut redis::Pipeline, phy: &str, conn: &str, ttl_ms: i64) {
         if let Ok(id) = Uuid::parse_str(conn) {
             pipe.cmd("SET")
                 .arg(self.settings.keys.conn(&id))
                 .arg(phy)
                 .arg("PX")
-                .arg(self.settings.ttl_ms)
+                .arg(ttl_ms.max(1))
                 .ignore();
         }
     }
 
-    /// The connection key and the instance's connection set of a record.
-    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record) {
+    /// The connection key and the instance's connection set of a record
+    /// evaluated at `now_ms`.
+    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record, now_ms: i64) {
         let keys = &self.settings.keys;
-        if let Some(conn) = &r.conn
-            && r.touch_conn
-        {
-            self.touch_conn(pipe, &r.phy, conn);
+        if let (Some(conn), Some(expires)) = (&r.conn, r.conn_expires_ms) {
+            self.touch_conn(pipe, &r.phy, conn, expires - now_ms);
         }
         if !r.binding {
             return;
@@ -388,6 +443,21 @@ impl Projection {
             pipe.srem(keys.server_conns(&server), conn).ignore();
         }
     }
+}
+
+/// Reads a `ZMSCORE` reply for `phys` into `out` (devices with a score).
+fn read_scores<'a>(
+    out: &mut HashMap<&'a str, i64>,
+    phys: &[&'a str],
+    reply: Value,
+) -> RedisResult<()> {
+    let scores: Vec<Option<String>> = redis::FromRedisValue::from_redis_value(reply)?;
+    for (phy, score) in phys.iter().zip(scores) {
+        if let Some(t) = score.as_deref().and_then(parse_score) {
+            out.insert(phy, t);
+        }
+    }
+    Ok(())
 }
 
 /// Merges events into a fresh [`iot_core::SessionView`] (the pure twin of

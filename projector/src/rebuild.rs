@@ -168,6 +168,8 @@ pub async fn rebuild_with(
                 .del(s.keys.presence_rev(shard))
                 .ignore()
                 .del(s.keys.seen(shard))
+                .ignore()
+                .del(s.keys.bound(shard))
                 .ignore();
         }
         pipe.query_async::<()>(conn).await?;

@@ -3,8 +3,8 @@
 //!
 //! - `device`: merges one event into a device's view, or evaluates the view
 //!   at `now` (keys: the view only, so it stays in the device's hash slot).
-//! - `index`: the shard-level projection (online index, revisions,
-//!   lifecycle, due, known, seen), all keys in the shard's slot.
+//! - `index`: the shard-level projection (online index, bound epochs,
+//!   revisions, lifecycle, due, known, seen), all keys in the shard's slot.
 //! - `due`: leases the devices of a shard whose evaluation is due.
 //!
 //! A function library (Redis 7 `FUNCTION LOAD`, called with `FCALL`) rather
@@ -18,9 +18,11 @@
 //! [`iot_core::SessionView::apply`] and [`iot_core::Policy::evaluate`]; the
 //! crate's tests check them against each other.
 
-use iot_core::{Event, EventKind, PhyId};
+use iot_core::{Event, EventKind, PhyId, ServerId};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
+
+use uuid::Uuid;
 
 use crate::settings::Settings;
 
@@ -30,6 +32,35 @@ const LUA_FILES: [&str; 4] = [
     include_str!("lua/index.lua"),
     include_str!("lua/due.lua"),
 ];
+
+/// One heartbeat, as the projector applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat<'a> {
+    /// The device.
+    pub phy: &'a PhyId,
+    /// Its connection.
+    pub conn: Uuid,
+    /// The instance holding it.
+    pub server: &'a ServerId,
+    /// The connection's epoch.
+    pub epoch: u64,
+    /// When, ms.
+    pub ts_ms: i64,
+}
+
+impl<'a> Beat<'a> {
+    /// Merges `other` (a heartbeat of the same device) into this one, so
+    /// that applying the result does to a view what applying both does: the
+    /// newest time, and the binding of the higher epoch (one epoch is one
+    /// connection on one instance).
+    pub fn absorb(&mut self, other: Beat<'a>) {
+        let ts = self.ts_ms.max(other.ts_ms);
+        if other.epoch > self.epoch {
+            *self = other;
+        }
+        self.ts_ms = ts;
+    }
+}
 
 /// Number of values in one record returned by the device functions.
 pub const RECORD_LEN: usize = 18;
@@ -183,19 +214,21 @@ impl Scripts {
         cmd
     }
 
-    /// Merges the newest heartbeat (`seen`, from the seen set) of a device
-    /// that was not online into its view (creating it if needed) and
-    /// evaluates the policy at `now_ms`; always returns the full record.
-    pub fn device_seen(&self, s: &Settings, now_ms: i64, phy: &PhyId, seen: i64) -> Cmd {
-        let mut cmd = self.fcall("device", &[s.keys.device(phy)]);
+    /// Merges a heartbeat that may change more than `last_seen` (its device
+    /// was not online at an epoch at least the heartbeat's) into its view,
+    /// creating the view if needed, binding it if the epoch is higher, and
+    /// evaluates the policy at `now_ms`; `seen`: the device's score in the
+    /// seen set. Always returns the full record.
+    pub fn device_beat(&self, s: &Settings, now_ms: i64, beat: &Beat<'_>, seen: i64) -> Cmd {
+        let mut cmd = self.fcall("device", &[s.keys.device(beat.phy)]);
         Self::common(&mut cmd, s, now_ms);
         cmd.arg("ev")
-            .arg(phy.as_str())
+            .arg(beat.phy.as_str())
             .arg("h")
-            .arg(0)
-            .arg("")
-            .arg("")
-            .arg(seen)
+            .arg(beat.epoch)
+            .arg(beat.conn.to_string())
+            .arg(beat.server.as_str())
+            .arg(beat.ts_ms)
             .arg("")
             .arg("1")
             .arg(seen);
@@ -231,8 +264,16 @@ impl Scripts {
         cmd
     }
 
-    /// Applies index updates to one shard.
-    pub fn index(&self, s: &Settings, shard: u16, quiet: bool, updates: &[IndexUpdate]) -> Cmd {
+    /// Applies index updates to one shard; `now_ms`: when the records were
+    /// evaluated.
+    pub fn index(
+        &self,
+        s: &Settings,
+        shard: u16,
+        quiet: bool,
+        now_ms: i64,
+        updates: &[IndexUpdate],
+    ) -> Cmd {
         let k = &s.keys;
         let keys = [
             k.online(shard),
@@ -241,11 +282,14 @@ impl Scripts {
             k.due(shard),
             k.known(shard),
             k.seen(shard),
+            k.bound(shard),
         ];
         let mut cmd = self.fcall("index", &keys);
         // '' for no cap: the archiver trims.
         cmd.arg(s.maxlen.map(|m| m.to_string()).unwrap_or_default())
-            .arg(if quiet { "1" } else { "0" });
+            .arg(if quiet { "1" } else { "0" })
+            .arg(now_ms)
+            .arg(s.policy.heartbeat_timeout_ms);
         for u in updates {
             u.write_args(&mut cmd);
         }
@@ -327,6 +371,8 @@ pub enum Outcome {
         phy: String,
         /// Its bound connection.
         conn: String,
+        /// The view's new expiry, ms (the caller's clock).
+        expires_ms: i64,
     },
     /// The view was merged or evaluated: the shard index must follow.
     Settled(Record),
@@ -362,8 +408,9 @@ pub struct Record {
     pub live: bool,
     /// The binding this call replaced (connection, instance).
     pub superseded: Option<(String, String)>,
-    /// Refresh the bound connection's key.
-    pub touch_conn: bool,
+    /// The view's expiry moved to this (ms, the caller's clock): give the
+    /// bound connection's key the same.
+    pub conn_expires_ms: Option<i64>,
     /// When the online state last changed, ms.
     pub since: i64,
     /// The call merged an event through the full path: maintain the
@@ -409,6 +456,7 @@ impl Outcome {
             "n" => Ok(Outcome::TouchConn {
                 phy: r[0].clone(),
                 conn: r[10].clone(),
+                expires_ms: num(15)?,
             }),
             "i" => Ok(Outcome::Settled(Record {
                 phy: r[0].clone(),
@@ -424,7 +472,11 @@ impl Outcome {
                 server: nonempty(&r[11]),
                 live: r[12] == "1",
                 superseded: nonempty(&r[13]).map(|c| (c, r[14].clone())),
-                touch_conn: r[15] == "1",
+                conn_expires_ms: if r[15].is_empty() {
+                    None
+                } else {
+                    Some(num(15)?)
+                },
                 since: num(16)?,
                 binding: r[17] == "1",
             })),

@@ -1,7 +1,8 @@
 //! The shard-level scripts and the lag measurement on a real Redis: stale
 //! revisions are ignored, lifecycle entries appear only on flips, due times
 //! only move earlier, leases hand a device to one evaluator and come back
-//! when it dies, a view found gone leaves every index; lag counts pending
+//! when it dies, a view found gone leaves every index, a heartbeat racing
+//! an evaluation causes no false offline; lag counts pending
 //! and undelivered entries; lost scripts are reloaded.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -44,7 +45,7 @@ fn record(phy: &str, online: bool, rev: u64, due: i64) -> Record {
         server: None,
         live: true,
         superseded: None,
-        touch_conn: false,
+        conn_expires_ms: None,
         since: 1000,
         binding: false,
     }
@@ -74,7 +75,9 @@ async fn lifecycle_entries_are_uncapped_when_the_archiver_trims() {
             lease: false,
         },
     ];
-    let cmd = p.scripts().index(p.settings(), shard, false, &updates);
+    let cmd = p
+        .scripts()
+        .index(p.settings(), shard, false, 5000, &updates);
     let flips = parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap();
     assert_eq!(flips.len(), 2);
     let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
@@ -97,7 +100,7 @@ async fn index_ignores_stale_revisions_and_flips_once() {
     let s = p.settings();
     let shared = conn.clone();
     let send = |u: IndexUpdate| {
-        let cmd = p.scripts().index(s, shard, false, &[u]);
+        let cmd = p.scripts().index(s, shard, false, 5000, &[u]);
         let mut conn = shared.clone();
         async move { parse_flips(cmd.query_async(&mut conn).await.unwrap()).unwrap() }
     };
@@ -369,10 +372,28 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
     assert!(applied.flips.is_empty(), "{:?}", applied.flips);
     assert_eq!(hash_last_seen(&mut conn).await, Some(t + 1000));
     assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    // Both now expire TTL after the newest heartbeat, not after the
+    // evaluation.
+    let left = t + 1000 + ttl - (t + h + 1);
     let pttl: i64 = conn.pttl(keys.device(&phy(d))).await.unwrap();
-    assert!(pttl > ttl - 60_000, "view TTL renewed: {pttl} of {ttl}");
+    assert!(
+        pttl <= left && pttl > left - 10_000,
+        "view TTL {pttl}, want {left}"
+    );
     let conn_key: Option<String> = conn.get(keys.conn(&conn_of(d, 1))).await.unwrap();
     assert_eq!(conn_key.as_deref(), Some(d), "connection key renewed");
+    let conn_pttl: i64 = conn.pttl(keys.conn(&conn_of(d, 1))).await.unwrap();
+    assert!(
+        conn_pttl <= left && conn_pttl > left - 10_000,
+        "connection key TTL {conn_pttl}, want {left}"
+    );
+    // An evaluation with nothing newer leaves both alone.
+    let _: () = conn.pexpire(keys.device(&phy(d)), ttl).await.unwrap();
+    p.evaluate(&mut conn, &[(phy(d), Some(t + 1000))], false, t + h + 2)
+        .await
+        .unwrap();
+    let pttl: i64 = conn.pttl(keys.device(&phy(d))).await.unwrap();
+    assert!(pttl > left, "never shortened: {pttl}");
 
     // Expired, then a heartbeat: not online, so it goes to the view.
     let (applied, _) = projector::due::round(&mut conn, &p, t + 1000 + h + 1)
@@ -380,9 +401,6 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
         .unwrap();
     assert_eq!(applied.flips.len(), 1);
     assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
-    // A heartbeat could have raced the evaluation: it is looked at again.
-    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
-    assert_eq!(due, Some((t + 1000 + h + 1) as f64));
     let back = t + 1000 + h + 10;
     let applied = p
         .apply(
@@ -406,4 +424,76 @@ async fn heartbeats_of_online_devices_stay_in_the_seen_set_until_the_due_evaluat
     assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
     let seen: Option<i64> = conn.zscore(keys.seen(shard), d).await.unwrap();
     assert_eq!(seen, None);
+}
+
+#[tokio::test]
+async fn a_heartbeat_racing_the_due_evaluation_writes_no_false_offline() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let p = projection(&redis.url(), &prefix);
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let d = "dev-r";
+    let shard = shard_of(d, SHARDS);
+    let h = p.settings().policy.heartbeat_timeout_ms;
+    let t = iot_core::time::now_ms();
+    let item = |entry| Item {
+        entry,
+        redelivered: false,
+    };
+    p.apply(
+        &mut conn,
+        &[item(Entry::Event(ev(d, 1, "s", t, connected())))],
+        Lifecycle::Emit,
+        t,
+    )
+    .await
+    .unwrap();
+    // At the heartbeat expiry the due round leased the device and read its
+    // seen score (none yet); then a heartbeat reached the seen set, before
+    // the evaluation's index update.
+    let beat = t + h;
+    let applied = p
+        .apply(
+            &mut conn,
+            &[item(beats("s", &[(d, 1, beat)]))],
+            Lifecycle::Emit,
+            beat,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.seen_only, 1);
+    let at = t + h + 1;
+    let applied = p
+        .evaluate(&mut conn, &[(phy(d), None)], true, at)
+        .await
+        .unwrap();
+    assert!(applied.flips.is_empty(), "refused: {:?}", applied.flips);
+    assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let due: Option<f64> = conn.zscore(keys.due(shard), d).await.unwrap();
+    assert_eq!(due, Some(at as f64), "evaluated again at once");
+
+    // The next round folds the heartbeat in: online all along.
+    let (applied, _) = projector::due::round(&mut conn, &p, at + 100)
+        .await
+        .unwrap();
+    assert_eq!(applied.evaluated, 1);
+    assert!(applied.flips.is_empty(), "{:?}", applied.flips);
+    assert_eq!(view(&mut conn, &keys, d).await["online"], "1");
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(l.len(), 1, "no offline/online pair: {l:?}");
+
+    // Once that heartbeat expired too, the flip goes through.
+    let (applied, _) = projector::due::round(&mut conn, &p, beat + h + 1)
+        .await
+        .unwrap();
+    assert_eq!(applied.flips.len(), 1, "{:?}", applied.flips);
+    assert!(!online_set(&mut conn, &keys, SHARDS).await.contains(d));
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.iter()
+            .map(|t| (t.online, t.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(true, "connected"), (false, "heartbeat_expired")]
+    );
 }

@@ -1,7 +1,9 @@
 //! The projector in-process with short windows (heartbeat timeout 3 s, drop
 //! and ACK windows 1 s, penalties 0.5 and 0.3, threshold 0.5 like the seed):
 //! the seed's transitions appear in the view, the online index and the
-//! lifecycle stream, time-based ones within 1 s of the change time.
+//! lifecycle stream, time-based ones within 1 s of the change time; a view
+//! and its connection key live while the device heartbeats and expire 2 x
+//! heartbeat timeout after its last heartbeat.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -381,6 +383,159 @@ async fn lag_is_published_and_bad_entries_are_acknowledged() {
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
+    proj.stop().await;
+}
+
+/// Connects `d` (epoch 1) and waits until it is online.
+async fn connect_online(conn: &mut ConnectionManager, keys: &Keys, d: &str) -> i64 {
+    let t0 = now_ms();
+    inject(
+        conn,
+        keys,
+        SHARDS,
+        &[ev(d, 1, "srv-1", t0, connected()).into_entry()],
+    )
+    .await;
+    wait_state(conn, keys, d, true, "heartbeat_fresh").await;
+    t0
+}
+
+/// The view's `last_seen` field as stored (without the seen score).
+async fn hash_last_seen(conn: &mut ConnectionManager, keys: &Keys, d: &str) -> Option<i64> {
+    conn.hget(keys.device(&phy(d)), "last_seen").await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_only_heartbeats_keeps_its_view_and_connection_key() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let proj = start(short_config(&redis.url(), &prefix), "proj-1").await;
+    let d = "dev-hb";
+    let t0 = connect_online(&mut conn, &keys, d).await;
+    let hb = heartbeats(conn.clone(), keys.clone(), d, 1);
+    let conn_key = keys.conn(&conn_of(d, 1));
+    // Longer than the TTL (2 x heartbeat timeout) of the connect: only the
+    // heartbeats (through the seen set and the due evaluation) keep the
+    // view and the connection key alive, and the device online.
+    let until = t0 + 2 * HB_MS + 1500;
+    let mut beats_aside = false;
+    while now_ms() < until {
+        let (view_there, key_there): (bool, bool) = redis::pipe()
+            .exists(keys.device(&phy(d)))
+            .exists(&conn_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            view_there && key_there,
+            "view {view_there}, connection key {key_there}"
+        );
+        assert!(online_set(&mut conn, &keys, SHARDS).await.contains(d));
+        let folded: i64 = view(&mut conn, &keys, d).await["last_seen"]
+            .parse()
+            .unwrap();
+        beats_aside |= hash_last_seen(&mut conn, &keys, d).await < Some(folded);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    hb.abort();
+    assert!(beats_aside, "heartbeats went to the seen set");
+    assert!(
+        hash_last_seen(&mut conn, &keys, d).await > Some(t0),
+        "the due evaluation folded them into the view"
+    );
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(l.len(), 1, "never offline: {l:?}");
+    proj.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_last_heartbeat_the_view_and_connection_key_expire_within_the_ttl() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let keys = Keys::new(prefix.clone()).unwrap();
+    let mut conn = connect(&redis.url()).await;
+    let proj = start(short_config(&redis.url(), &prefix), "proj-1").await;
+    let d = "dev-x";
+    let t0 = connect_online(&mut conn, &keys, d).await;
+    let hb = heartbeats(conn.clone(), keys.clone(), d, 1);
+    // Just after a due evaluation folded the seen score into the view, the
+    // device sends its last heartbeat (the next evaluation, a heartbeat
+    // timeout later, folds that one in).
+    eventually(
+        Duration::from_secs(10),
+        "an evaluation folded the seen score",
+        || {
+            let mut conn = conn.clone();
+            let keys = keys.clone();
+            async move {
+                let ls = hash_last_seen(&mut conn, &keys, d).await;
+                if ls > Some(t0) { Ok(()) } else { Err(ls) }
+            }
+        },
+    )
+    .await;
+    hb.abort();
+    let _ = hb.await;
+    let last = now_ms();
+    inject(&mut conn, &keys, SHARDS, &[beats("srv-1", &[(d, 1, last)])]).await;
+    eventually(Duration::from_secs(5), "the last heartbeat applied", || {
+        let mut conn = conn.clone();
+        let keys = keys.clone();
+        async move {
+            let v = view(&mut conn, &keys, d).await;
+            if v.get("last_seen") == Some(&last.to_string()) {
+                Ok(())
+            } else {
+                Err(v)
+            }
+        }
+    })
+    .await;
+
+    // Both expire 2 x heartbeat timeout after the last heartbeat, give or
+    // take the slack (not a heartbeat timeout later).
+    let ttl = 2 * HB_MS;
+    let slack = 500;
+    let names = [keys.device(&phy(d)), keys.conn(&conn_of(d, 1))];
+    let mut gone: [Option<i64>; 2] = [None, None];
+    while gone.iter().any(Option::is_none) {
+        let before = now_ms();
+        let there: (bool, bool) = redis::pipe()
+            .exists(&names[0])
+            .exists(&names[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for (i, there) in [there.0, there.1].into_iter().enumerate() {
+            if there {
+                assert!(
+                    before <= last + ttl + slack,
+                    "{} still there {} ms after the last heartbeat",
+                    names[i],
+                    before - last
+                );
+            } else if gone[i].is_none() {
+                gone[i] = Some(before);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, at) in names.iter().zip(gone) {
+        let after = at.unwrap() - last;
+        assert!(
+            after >= ttl - slack,
+            "{name} gone {after} ms after the last heartbeat"
+        );
+    }
+    let l = lifecycle(&mut conn, &keys, SHARDS, d).await;
+    assert_eq!(
+        l.iter()
+            .map(|t| (t.online, t.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(true, "connected"), (false, "heartbeat_expired")]
+    );
     proj.stop().await;
 }
 

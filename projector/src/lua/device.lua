@@ -9,8 +9,9 @@
 --        disconnected (1/0): the policy alone (no key is touched), as
 --        {online, reason, score (%.17g), next change or ''}; for tests.
 -- seen: the device's score in its shard's seen set ('' for none), folded
--- into last_seen first; when it moves last_seen, that counts as activity
--- (the view's TTL is refreshed, and the connection key's by the caller).
+-- into last_seen first. An evaluation whose seen score moved last_seen
+-- moves the view's expiry to last_seen + TTL (never earlier than it was;
+-- the record tells the caller to move the connection key's with it).
 redis.register_function(FN .. 'device', function(keys, args)
   setup(args)
   local op = args[COMMON + 1]
@@ -37,10 +38,9 @@ redis.register_function(FN .. 'device', function(keys, args)
     end
     local s = load(keys[1])
     local w = writes()
-    local pttl = nil
-    local moved = fold_seen(s, w)
-    if moved then pttl = redis.call('PTTL', keys[1]) end
-    return settle(keys[1], phy, s, w, '', moved, false, nil, pttl)
+    local ttl = nil
+    if fold_seen(s, w) then ttl = 'seen' end
+    return settle(keys[1], phy, s, w, '', ttl, false, nil)
   elseif op == 'policy' then
     local function opt(v)
       if v == nil or v == '' then return nil end

@@ -12,8 +12,14 @@
 --   now_ms, policy enabled (1/0), heartbeat_timeout_ms, tcp_down_window_ms,
 --   ack_window_ms, tcp_down_penalty, ack_timeout_penalty, threshold,
 --   view ttl_ms, TTL refresh threshold ms (the view's TTL, and the
---   connection key's by the caller, are refreshed by heartbeat-like events
---   once the remaining TTL is below it).
+--   connection key's by the caller, are refreshed by uplinks and ACKs once
+--   the remaining TTL is below it).
+--
+-- The view's expiry only follows signs of life: an event merged through
+-- the full path sets it to now + ttl, a folded seen score (the due
+-- evaluation) to last_seen + ttl unless it is already later. Whenever it
+-- moves, the record carries it, and the caller gives the connection key the
+-- same expiry.
 
 local NOW = 0
 local P = {}
@@ -135,9 +141,8 @@ local function merge(s, w, ev)
     end
   end
 
-  -- Heartbeats never bind (SessionView::apply_parts).
-  if k == 'h' then return nil end
-
+  -- Binding: highest epoch, every kind (a heartbeat too, without
+  -- connected_at).
   local superseded = nil
   local ep = tonumber(ev.epoch)
   local cur = tonumber(s.epoch or '0')
@@ -254,14 +259,16 @@ end
 --  3 online 1/0, 4 rev, 5 lifecycle reason, 6 changed 1/0, 7 policy reason,
 --  8 due ms, 9 known ms, 10 epoch, 11 bound conn, 12 bound server,
 --  13 bound conn live 1/0, 14 superseded conn, 15 superseded server,
---  16 touch conn key 1/0, 17 since, 18 binding maintenance 1/0.
+--  16 the connection key's new expiry ms ('': leave it), 17 since,
+--  18 binding maintenance 1/0.
 local RECORD_LEN = 18
 
 -- Evaluates the policy on the merged state, records the projected fields,
 -- writes the view and returns its record. kind: the event kind ('' for a
--- time-based evaluation); activity: refresh the TTL; full: binding
--- maintenance (server set) wanted.
-local function settle(key, phy, s, w, kind, activity, full, superseded, pttl_before)
+-- time-based evaluation); ttl: how the view's expiry moves ('event': to
+-- now + TTL; 'seen': to last_seen + TTL if that is later; nil: it stays,
+-- unless the view has none); full: binding maintenance (server set) wanted.
+local function settle(key, phy, s, w, kind, ttl, full, superseded)
   local online, reason, _, nxt = evaluate_state(s)
   local changed = false
   local rev
@@ -301,15 +308,26 @@ local function settle(key, phy, s, w, kind, activity, full, superseded, pttl_bef
   end
   if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
 
+  -- Relative times (PEXPIRE, not PEXPIREAT): NOW is the caller's clock.
   local expiry
-  if activity then
+  local moved = false
+  if ttl == 'event' then
     redis.call('PEXPIRE', key, TTL)
     expiry = NOW + TTL
+    moved = true
   else
     local pttl = redis.call('PTTL', key)
     if pttl < 0 then
       redis.call('PEXPIRE', key, TTL)
       pttl = TTL
+      moved = true
+    elseif ttl == 'seen' and s.last_seen ~= nil then
+      local left = tonumber(s.last_seen) + TTL - NOW
+      if left > pttl then
+        redis.call('PEXPIRE', key, left)
+        pttl = left
+        moved = true
+      end
     end
     expiry = NOW + pttl
   end
@@ -321,13 +339,14 @@ local function settle(key, phy, s, w, kind, activity, full, superseded, pttl_bef
     if kind == 'c' then lc = 'connected' else lc = 'recovered' end
   end
   local live = s.epoch ~= nil and s.conn_id ~= nil and s.ended == nil
-  local touch = s.conn_id ~= nil and (full or (pttl_before ~= nil and pttl_before < CONN_REFRESH))
+  local conn_expiry = ''
+  if s.conn_id ~= nil and moved then conn_expiry = expiry end
   local sup = superseded or { '', '' }
   -- Numbers go back as integer replies (cheaper than formatting them).
   return {
     phy, 'i', online and '1' or '0', rev, lc, changed and '1' or '0', reason,
     due, newest(s), s.epoch or '0', s.conn_id or '', s.server_id or '',
-    live and '1' or '0', sup[1], sup[2], touch and '1' or '0', num(s.since) or NOW,
+    live and '1' or '0', sup[1], sup[2], conn_expiry, num(s.since) or NOW,
     full and '1' or '0',
   }
 end
@@ -338,7 +357,7 @@ local function apply_event(key, phy, ev)
   local w = writes()
   fold_seen(s, w)
   local superseded = merge(s, w, ev)
-  return settle(key, phy, s, w, ev.kind, true, true, superseded, nil)
+  return settle(key, phy, s, w, ev.kind, 'event', true, superseded)
 end
 
 -- An uplink or an ACK (u, a): only last_seen changes, unless the view is
@@ -351,7 +370,7 @@ end
 -- record, a connection-key touch record, or nil when nothing outside the
 -- slot needs doing. force: always return the full record (redelivered
 -- entries). Heartbeats do not come here: the seen set takes those of
--- online devices, the full merge the others.
+-- devices online at an epoch at least theirs, the full merge the others.
 local function beat(key, phy, ev, force)
   local cur = redis.call('HMGET', key, 'epoch', 'last_seen', 'conn_id')
   -- No last_seen: a new view, or one without a sign of life yet (whose
@@ -366,14 +385,17 @@ local function beat(key, phy, ev, force)
   if t > ls then
     redis.call('HSET', key, 'last_seen', istr(t))
   end
-  local pttl = redis.call('PTTL', key)
-  local refresh = pttl < CONN_REFRESH
-  if refresh then redis.call('PEXPIRE', key, TTL) end
+  local refresh = redis.call('PTTL', key) < CONN_REFRESH
   if force or (stale and within(NOW, t, P.hb)) then
-    local s = load(key)
-    return settle(key, phy, s, writes(), ev.kind, refresh, false, nil, pttl)
-  elseif refresh and cur[3] then
-    return { phy, 'n', '', '', '', '', '', '', '', '', cur[3], '', '', '', '', '1', '', '0' }
+    local ttl = nil
+    if refresh then ttl = 'event' end
+    return settle(key, phy, load(key), writes(), ev.kind, ttl, false, nil)
+  end
+  if refresh then
+    redis.call('PEXPIRE', key, TTL)
+    if cur[3] then
+      return { phy, 'n', '', '', '', '', '', '', '', '', cur[3], '', '', '', '', NOW + TTL, '', '0' }
+    end
   end
   return nil
 end
