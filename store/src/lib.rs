@@ -151,11 +151,16 @@ impl Store {
     /// that lacks migrations (the service must not run against it). An
     /// unreachable database sets health check `check` degraded and lets the
     /// service start; it is retried by whoever uses the store.
+    ///
+    /// `check` is marked [optional](iot_service::Health::mark_optional): a
+    /// PostgreSQL outage shows in `/health` but never makes a service
+    /// unready, since nothing on the device path waits for the database.
     pub async fn check_at_start(
         &self,
         health: &iot_service::Health,
         check: &str,
     ) -> Result<(), StoreError> {
+        health.mark_optional(check);
         match self.check_schema().await {
             Ok(()) => {
                 health.set(check, iot_service::Status::Ok, None, None);
