@@ -14,14 +14,19 @@
 //! - [`devices`]: the device registry (secrets stored as SHA-256).
 //! - [`archive`]: archived events, transitions and sessions; history pages.
 //! - [`archiver`]: the consumer group that fills the archive and trims the streams.
+//! - [`trim`]: the safe trim point of a stream, and entries trimmed before
+//!   the archive read them.
+//! - [`dead_letter`]: entries the archive could not store, with the error.
 //! - [`commands`]: the command log.
 //! - [`error`]: the error type, `StoreError`.
 
 pub mod archive;
 pub mod archiver;
 pub mod commands;
+pub mod dead_letter;
 pub mod devices;
 pub mod error;
+pub mod trim;
 
 use std::time::Duration;
 
