@@ -219,3 +219,31 @@ async fn entries_a_writer_trims_before_the_archive_reads_them_are_counted() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn writers_drop_their_maxlen_once_an_archiver_marked_the_archive_on() {
+    let redis = RedisServer::start();
+    let mut conn = conn(&redis).await;
+    let keys = iot_core::Keys::new("w:").expect("prefix");
+    assert!(!trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
+    assert_eq!(
+        trim::writer_maxlen(&mut conn, &keys, Some(1000)).await,
+        Some(1000)
+    );
+    trim::mark_archive_on(&mut conn, &keys).await.expect("SET");
+    assert!(trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
+    assert_eq!(
+        trim::writer_maxlen(&mut conn, &keys, Some(1000)).await,
+        None
+    );
+    assert_eq!(trim::writer_maxlen(&mut conn, &keys, None).await, None);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.archive_marker())
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(
+        ttl > 0 && ttl as u128 <= trim::MARKER_TTL.as_millis(),
+        "{ttl}"
+    );
+}
