@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use common::*;
@@ -414,4 +414,378 @@ async fn the_command_log_is_queryable_by_status_and_device() {
     }
     archiver.stop().await;
     api.stop().await;
+}
+
+/// Every entry of `key`, oldest first.
+async fn xrange(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<redis::streams::StreamId> {
+    let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    r.ids
+}
+
+/// What the streams hold (kept whole by an idle audit group), as archive
+/// rows: event rows, transition rows, command changes (id, status) sorted.
+async fn stream_contents(
+    api: &TestApi,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> (
+    Vec<(String, String, i32)>,
+    Vec<(String, String)>,
+    Vec<(String, String)>,
+) {
+    let mut events = Vec::new();
+    let mut transitions = Vec::new();
+    for s in 0..api.config.streams.shards {
+        let key = api.keys.events(s);
+        for id in xrange(conn, &key).await {
+            let bytes: Vec<u8> =
+                redis::from_redis_value(id.map[ENTRY_FIELD].clone()).expect("entry bytes");
+            let entry = Entry::decode(&bytes).expect("entry");
+            for r in ArchivedEvent::from_entry(&key, &id.id, entry) {
+                events.push((r.stream, r.entry_id, r.seq));
+            }
+        }
+        let key = api.keys.lifecycle(s);
+        for id in xrange(conn, &key).await {
+            transitions.push((key.clone(), id.id));
+        }
+    }
+    let mut changes = Vec::new();
+    for id in xrange(conn, &api.keys.command_events()).await {
+        let fields: std::collections::HashMap<String, Vec<u8>> = id
+            .map
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    redis::from_redis_value(v.clone()).expect("bytes"),
+                )
+            })
+            .collect();
+        let c = iot_store::commands::CommandChange::from_fields(&fields).expect("a change");
+        changes.push((c.id.to_string(), c.status));
+    }
+    events.sort();
+    transitions.sort();
+    changes.sort();
+    (events, transitions, changes)
+}
+
+/// The same from the archive.
+async fn archive_contents(
+    store: &iot_store::Store,
+    ids: &[String],
+) -> Result<
+    (
+        Vec<(String, String, i32)>,
+        Vec<(String, String)>,
+        Vec<(String, String)>,
+    ),
+    String,
+> {
+    let events = store.event_keys().await.map_err(|e| e.to_string())?;
+    let transitions = store.transition_keys().await.map_err(|e| e.to_string())?;
+    let mut changes = Vec::new();
+    for id in ids {
+        let uuid = uuid::Uuid::parse_str(id).map_err(|e| e.to_string())?;
+        for (status, _) in store
+            .command_changes(uuid)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            changes.push((id.clone(), status));
+        }
+    }
+    changes.sort();
+    Ok((events, transitions, changes))
+}
+
+/// A device on the in-process ingest (rumqttc, open auth), subscribed to
+/// its downlink topic (rumqttc acknowledges commands by itself).
+struct Device {
+    client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    async fn connect(addr: &str, id: &str) -> Self {
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let mut opts = rumqttc::MqttOptions::new(id, host, port.parse().expect("port"));
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok(ev) = eventloop.poll().await {
+                let _ = tx.send(ev);
+            }
+        });
+        client
+            .subscribe(format!("devices/{id}/down/#"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("SUBSCRIBE");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = rx.recv().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = ev {
+                    return;
+                }
+            }
+            panic!("{id}: the connection ended before SUBACK");
+        })
+        .await
+        .expect("SUBACK within 10 s");
+        Self { client, task }
+    }
+
+    async fn uplink(&self, id: &str, n: usize) {
+        for i in 0..n {
+            self.client
+                .publish(
+                    format!("devices/{id}/up/t"),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!("u{i}"),
+                )
+                .await
+                .expect("PUBLISH");
+        }
+    }
+
+    /// A clean MQTT DISCONNECT.
+    async fn disconnect(self) {
+        self.client.disconnect().await.expect("DISCONNECT");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+
+    /// The socket just goes away.
+    fn drop_connection(self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_loses_no_event_transition_or_command_change() {
+    let mut pg = tokio::task::spawn_blocking(iot_test_support::PgServer::start)
+        .await
+        .expect("start PostgreSQL");
+    let url = pg.url();
+    store(&url).await.migrate().await.expect("migrate");
+    let db_url = url.clone();
+    let api = TestApi::start_with(move |c| {
+        c.database.url = db_url;
+        c.database.connect_timeout = Duration::from_millis(500);
+        c.streams.shards = 4;
+        c.projector.block = Duration::from_millis(50);
+        c.projector.claim_interval = Duration::from_millis(300);
+        c.projector.claim_idle = Duration::from_secs(1);
+    })
+    .await;
+    let mut conn = api.conn().await;
+    // An idle audit group on every archived stream keeps them whole, to
+    // compare with the archive at the end.
+    let mut audited: Vec<String> = (0..api.config.streams.shards)
+        .flat_map(|s| [api.keys.events(s), api.keys.lifecycle(s)])
+        .collect();
+    audited.push(api.keys.command_events());
+    for key in &audited {
+        let () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("audit")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .expect("XGROUP CREATE");
+    }
+
+    // The whole pipeline in this process: an ingest (open auth; with the
+    // archive on it caps no stream) and a projector with the archiver.
+    let start = |server_id: &str| {
+        let mut cfg = api.config.clone();
+        cfg.server_id = server_id.into();
+        cfg.mqtt.connect_rate_per_ip = 0;
+        cfg.shutdown.grace = Duration::from_secs(5);
+        cfg
+    };
+    let ingest_token = tokio_util::sync::CancellationToken::new();
+    let ctx = iot_service::startup::Context::start(start("outage-ingest"), ingest_token.clone())
+        .await
+        .expect("ingest context");
+    let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mqtt = mqtt_listener.local_addr().expect("addr").to_string();
+    let ingest_http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ingest_task = tokio::spawn(ingest::run(ctx, mqtt_listener, ingest_http));
+    let projector_token = tokio_util::sync::CancellationToken::new();
+    let ctx =
+        iot_service::startup::Context::start(start("outage-projector"), projector_token.clone())
+            .await
+            .expect("projector context");
+    let projector_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let projector_http = projector_listener.local_addr().expect("addr").to_string();
+    let projector_task = tokio::spawn(projector::run(ctx, projector_listener));
+
+    let mut commands = Vec::new();
+    let command = |id: &str, queue: bool| {
+        let body = json!({"name": "reboot", "queue_if_offline": queue});
+        let path = format!("/api/devices/{id}/commands");
+        let api = &api;
+        async move {
+            let (status, c) = api.post(&path, &body).await;
+            assert_eq!(status, 201, "{c}");
+            c["id"].as_str().expect("id").to_owned()
+        }
+    };
+
+    // Before the outage.
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let id = format!("out-a{i}");
+        let d = Device::connect(&mqtt, &id).await;
+        d.uplink(&id, 3).await;
+        devices.push((id, d));
+    }
+    for (id, _) in &devices[..3] {
+        commands.push(command(id, false).await);
+    }
+    commands.push(command("out-ghost", true).await);
+    let store = store(&url).await;
+    eventually(WAIT, "first events archived", || async {
+        match store.count_events().await {
+            Ok(n) if n > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let mut pg = {
+        tokio::task::spawn_blocking(move || {
+            pg.stop();
+            pg
+        })
+        .await
+        .expect("stop PostgreSQL")
+    };
+    // During it: commands, clean disconnects, drops, new devices, the
+    // queued command delivered.
+    for (id, _) in &devices[3..] {
+        commands.push(command(id, false).await);
+    }
+    let mut rest = devices.split_off(2);
+    for (_, d) in devices.drain(..) {
+        d.disconnect().await;
+    }
+    let (_, dropped) = rest.remove(0);
+    dropped.drop_connection();
+    for i in 0..3 {
+        let id = format!("out-b{i}");
+        let d = Device::connect(&mqtt, &id).await;
+        d.uplink(&id, 2).await;
+        rest.push((id, d));
+    }
+    let ghost = Device::connect(&mqtt, "out-ghost").await;
+    for _ in 0..2 {
+        commands.push(command("out-b0", false).await);
+    }
+    eventually(WAIT, "the archive reports the outage", || async {
+        let (_, body) =
+            iot_test_support::http_get(&projector_http, "/health").ok_or("no answer")?;
+        let health: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        if health["checks"]["archive"]["status"] == "degraded" {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    assert_eq!(
+        iot_test_support::http_get(&projector_http, "/health/ready").map(|r| r.0),
+        Some(200),
+        "a database outage does not make the projector unready"
+    );
+    let (status, _) = api.get_as("/health/ready", None).await;
+    assert_eq!(status, 200, "nor the api");
+    assert_eq!(
+        store.count_events().await.ok(),
+        None,
+        "the database is really away"
+    );
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start_again();
+        pg
+    })
+    .await
+    .expect("restart PostgreSQL");
+    // Everything the streams hold, and only that, ends up in the archive.
+    let (want, got) = eventually(Duration::from_secs(60), "the archive caught up", || {
+        let api = &api;
+        let store = &store;
+        let mut conn = conn.clone();
+        async move {
+            let want = stream_contents(api, &mut conn).await;
+            let ids: BTreeSet<String> = want.2.iter().map(|c| c.0.clone()).collect();
+            let got = archive_contents(store, &ids.into_iter().collect::<Vec<_>>()).await?;
+            if got == want {
+                Ok((want, got))
+            } else {
+                Err(format!(
+                    "archive {} events / {} transitions / {} changes, streams {} / {} / {}",
+                    got.0.len(),
+                    got.1.len(),
+                    got.2.len(),
+                    want.0.len(),
+                    want.1.len(),
+                    want.2.len()
+                ))
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, want);
+    assert_eq!(
+        store.count_events().await.expect("count") as usize,
+        want.0.len()
+    );
+    assert_eq!(
+        store.count_transitions().await.expect("count") as usize,
+        want.1.len()
+    );
+    let kinds: BTreeSet<&str> = want.2.iter().map(|c| c.1.as_str()).collect();
+    assert!(
+        kinds.contains("acked") && kinds.contains("queued"),
+        "commands went through their states: {kinds:?}"
+    );
+    assert!(
+        want.2.iter().map(|c| &c.0).collect::<BTreeSet<_>>().len() >= commands.len(),
+        "every command submitted is in the stream"
+    );
+    assert!(want.1.len() >= 9, "transitions: {}", want.1.len());
+
+    drop(ghost);
+    for (_, d) in rest {
+        d.drop_connection();
+    }
+    ingest_token.cancel();
+    projector_token.cancel();
+    ingest_task.await.expect("ingest task").expect("ingest run");
+    projector_task
+        .await
+        .expect("projector task")
+        .expect("projector run");
+    api.stop().await;
+    drop(pg);
 }

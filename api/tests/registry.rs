@@ -444,3 +444,225 @@ async fn the_presence_answer_carries_the_registry_entry() {
     assert!(names.contains("lag"));
     api.stop().await;
 }
+
+/// An ingest in auth mode `registry` on the api's Redis (same key prefix)
+/// and database, in this process.
+struct RegistryIngest {
+    mqtt: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RegistryIngest {
+    async fn start(api: &TestApi) -> Self {
+        let mut cfg = api.config.clone();
+        cfg.server_id = "ingest-revoke".into();
+        cfg.mqtt.auth = iot_core::config::AuthMode::Registry;
+        // Long: the periodic re-check cannot be what closes a device here.
+        cfg.mqtt.auth_cache_ttl = std::time::Duration::from_secs(60);
+        cfg.mqtt.connect_rate_per_ip = 0;
+        cfg.shutdown.grace = std::time::Duration::from_secs(5);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let ctx = iot_service::startup::Context::start(cfg, shutdown.clone())
+            .await
+            .expect("ingest context");
+        let mqtt = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = mqtt.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(ingest::run(ctx, mqtt, http));
+        // Listening for revocations.
+        let conn = api.conn().await;
+        let channel = api.keys.auth_revocations();
+        iot_test_support::eventually(
+            std::time::Duration::from_secs(10),
+            "the ingest subscribed to revocations",
+            || {
+                let mut conn = conn.clone();
+                let channel = channel.clone();
+                async move {
+                    let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(&channel)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if n >= 1 {
+                        Ok(())
+                    } else {
+                        Err(format!("{n} subscribers"))
+                    }
+                }
+            },
+        )
+        .await;
+        Self {
+            mqtt: addr,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("ingest task").expect("ingest run");
+    }
+}
+
+/// A device connected with its secret (rumqttc); events on a channel.
+struct Device {
+    events: tokio::sync::mpsc::UnboundedReceiver<Result<rumqttc::Event, rumqttc::ConnectionError>>,
+    _client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Device {
+    /// Connects; returns the device, or the CONNACK refusal.
+    async fn connect(
+        addr: &str,
+        id: &str,
+        secret: &str,
+    ) -> Result<Self, rumqttc::ConnectReturnCode> {
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let mut opts = rumqttc::MqttOptions::new(id, host, port.parse().expect("port"));
+        opts.set_credentials(id, secret);
+        opts.set_keep_alive(std::time::Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let end = ev.is_err();
+                if tx.send(ev).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                        return Ok(a.code);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                        return Ok(code);
+                    }
+                    Some(Err(e)) => return Err(format!("{e}")),
+                    None => return Err("event loop ended".into()),
+                }
+            }
+        })
+        .await
+        .expect("a CONNACK within 10 s")
+        .expect("a CONNACK");
+        match first {
+            rumqttc::ConnectReturnCode::Success => Ok(Self {
+                events,
+                _client: client,
+                task,
+            }),
+            code => Err(code),
+        }
+    }
+
+    /// Waits until the server closes the connection.
+    async fn closed_within(&mut self, limit: std::time::Duration) {
+        tokio::time::timeout(limit, async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("still connected {limit:?} after the change"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_or_delete_over_rest_disconnects_the_device_at_once_and_refuses_it() {
+    let api = TestApi::start_with_db().await;
+    let ingest = RegistryIngest::start(&api).await;
+    let mut secrets = std::collections::HashMap::new();
+    for id in ["rev-off", "rev-del", "rev-kept"] {
+        let (status, reg) = api.post("/api/devices", &json!({"phy_id": id})).await;
+        assert_eq!(status, 201, "{reg}");
+        secrets.insert(id, reg["secret"].as_str().expect("secret").to_owned());
+    }
+    let mut off = Device::connect(&ingest.mqtt, "rev-off", &secrets["rev-off"])
+        .await
+        .expect("accepted");
+    let mut del = Device::connect(&ingest.mqtt, "rev-del", &secrets["rev-del"])
+        .await
+        .expect("accepted");
+    let mut kept = Device::connect(&ingest.mqtt, "rev-kept", &secrets["rev-kept"])
+        .await
+        .expect("accepted");
+
+    let (status, d) = api
+        .patch("/api/devices/rev-off", &json!({"enabled": false}))
+        .await;
+    assert_eq!(status, 200, "{d}");
+    off.closed_within(std::time::Duration::from_secs(1)).await;
+    let (status, _) = api.delete("/api/devices/rev-del").await;
+    assert_eq!(status, 204);
+    del.closed_within(std::time::Duration::from_secs(1)).await;
+
+    // Refused at once, although a fresh "valid" verdict was cached for 60 s.
+    for id in ["rev-off", "rev-del"] {
+        let started = std::time::Instant::now();
+        let refused = Device::connect(&ingest.mqtt, id, &secrets[id]).await.err();
+        assert_eq!(
+            refused,
+            Some(rumqttc::ConnectReturnCode::NotAuthorized),
+            "{id}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{id}"
+        );
+    }
+    // A relabel revokes nothing.
+    let (status, _) = api
+        .patch("/api/devices/rev-kept", &json!({"labels": {"a": "b"}}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            kept.closed_within(std::time::Duration::from_secs(60))
+        )
+        .await
+        .is_err(),
+        "the kept device stays connected"
+    );
+    // Enabled again: it connects again.
+    let (status, _) = api
+        .patch("/api/devices/rev-off", &json!({"enabled": true}))
+        .await;
+    assert_eq!(status, 200);
+    iot_test_support::eventually(
+        std::time::Duration::from_secs(10),
+        "re-enabled device connects",
+        || async {
+            Device::connect(&ingest.mqtt, "rev-off", &secrets["rev-off"])
+                .await
+                .map(drop)
+        },
+    )
+    .await;
+    drop(kept);
+    ingest.stop().await;
+    api.stop().await;
+}

@@ -72,6 +72,56 @@ impl Control {
     }
 }
 
+/// A device disabled or deleted in the registry, published by the api on
+/// [`crate::Keys::auth_revocations`] to every ingest: each drops its cached
+/// credential verdicts for the device and closes its connection (reason
+/// `revoked`). A best-effort fast path: an ingest that misses it (not
+/// subscribed at that moment) still finds the change at its periodic
+/// re-check of connected devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The device.
+    pub phy_id: PhyId,
+    /// `disabled` or `deleted` (for logs).
+    pub why: String,
+}
+
+impl Revocation {
+    /// Version byte, then the rmp-serde body (like [`Control::encode`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT_VERSION];
+        if let Err(e) = rmp_serde::encode::write(&mut out, self) {
+            debug_assert!(false, "revocation encoding failed: {e}");
+        }
+        out
+    }
+
+    /// Decodes [`encode`](Self::encode).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::UnknownVersion { found: version });
+        }
+        rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod revocation_tests {
+    use super::*;
+
+    #[test]
+    fn revocation_round_trips_and_rejects_garbage() {
+        let r = Revocation {
+            phy_id: PhyId::new("d-1").unwrap(),
+            why: "disabled".into(),
+        };
+        assert_eq!(Revocation::decode(&r.encode()).unwrap(), r);
+        assert!(Revocation::decode(&[]).is_err());
+        assert!(Revocation::decode(&[FORMAT_VERSION, 0xc1]).is_err());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -225,6 +225,22 @@ impl Keys {
     pub fn stats(&self) -> String {
         self.k(format_args!("stats:counters"))
     }
+
+    /// String (value: the archive's consumer group, [`ARCHIVER_GROUP`]) with
+    /// a TTL of days, refreshed by every running archiver: the PostgreSQL
+    /// archive is on, so stream writers must not cap the archived streams
+    /// with `MAXLEN` (the archiver trims them below what it stored).
+    pub fn archive_marker(&self) -> String {
+        self.k(format_args!("archive:on"))
+    }
+
+    /// Pub/Sub channel every ingest in auth mode `registry` subscribes to:
+    /// devices disabled or deleted in the registry
+    /// ([`crate::control::Revocation`]), so their cached verdicts are
+    /// dropped and their connections closed at once.
+    pub fn auth_revocations(&self) -> String {
+        self.k(format_args!("auth:revoked"))
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +266,13 @@ mod tests {
         assert_eq!(k.server_conns(&s), "session:server:{srv-a}:conns");
         assert_eq!(k.downlink_channel(&s), "downlink:srv-a");
         assert_eq!(k.reaper_lock(&s), "server:reaping:{srv-a}");
+    }
+
+    #[test]
+    fn archive_marker_and_revocation_channel() {
+        let k = Keys::new("p:").unwrap();
+        assert_eq!(k.archive_marker(), "p:archive:on");
+        assert_eq!(k.auth_revocations(), "p:auth:revoked");
     }
 
     #[test]

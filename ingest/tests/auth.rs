@@ -2,10 +2,11 @@
 //! PostgreSQL: devices registered with `Store::register_device` connect
 //! with username = phyID and password = their secret; wrong, unknown and
 //! disabled ones get CONNACK 5; a device disabled or deleted while
-//! connected is closed within the cache TTL; during a PostgreSQL outage
-//! known devices keep connecting and unknown ones get CONNACK 3. Also: the
-//! ingest leaves stream trimming to the archiver when PostgreSQL is
-//! configured.
+//! connected is closed within the cache TTL, and at once when a revocation
+//! is published on Redis; during a PostgreSQL outage known devices keep
+//! connecting and unknown ones get CONNACK 3, both without waiting for the
+//! database. Also: the ingest leaves stream trimming to the archiver when
+//! PostgreSQL is configured.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -222,6 +223,111 @@ async fn devices_disabled_or_deleted_while_connected_are_closed_within_the_cache
     ingest.stop().await.unwrap();
 }
 
+/// Waits until someone (the ingest) listens on the revocation channel.
+async fn revocations_subscribed(ingest: &Ingest) {
+    let conn = ingest.redis().await;
+    let channel = ingest.keys.auth_revocations();
+    eventually(
+        Duration::from_secs(10),
+        "revocation channel subscribed",
+        || {
+            let mut conn = conn.clone();
+            let channel = channel.clone();
+            async move {
+                let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n >= 1 { Ok(()) } else { Err(n.to_string()) }
+            }
+        },
+    )
+    .await;
+}
+
+async fn publish_revocation(ingest: &Ingest, id: &str, why: &str) {
+    let mut conn = ingest.redis().await;
+    let msg = iot_core::control::Revocation {
+        phy_id: phy_id(id),
+        why: why.into(),
+    };
+    let _: u64 = redis::cmd("PUBLISH")
+        .arg(ingest.keys.auth_revocations())
+        .arg(msg.encode())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_revocation_closes_the_device_at_once_and_empties_its_cache_entry() {
+    let db = TestDb::create().await;
+    let store = migrated(db.url()).await;
+    let redis = RedisServer::start();
+    let (disabled, deleted, kept) = (phy("pdis"), phy("pdel"), phy("pkept"));
+    let mut secrets = Vec::new();
+    for id in [&disabled, &deleted, &kept] {
+        secrets.push(register(&store, id, true).await);
+    }
+    // A long TTL: the periodic re-check cannot be what closes them.
+    let long = Duration::from_secs(60);
+    let url = db.url().to_owned();
+    let ingest = Ingest::start(&redis.url(), "pubrev-srv", move |c| {
+        registry_mode(&url)(c);
+        c.mqtt.auth_cache_ttl = long;
+    })
+    .await;
+    revocations_subscribed(&ingest).await;
+    let mut devices = Vec::new();
+    for (id, secret) in [&disabled, &deleted, &kept].into_iter().zip(&secrets) {
+        let (d, code) =
+            connect_with_credentials(&ingest.mqtt, id, Some(id), Some(secret.as_bytes())).await;
+        assert_eq!(code, ConnectReturnCode::Accepted);
+        devices.push(d);
+    }
+    store
+        .update_device(&phy_id(&disabled), Some(false), None)
+        .await
+        .unwrap();
+    assert!(store.delete_device(&phy_id(&deleted)).await.unwrap());
+    let started = std::time::Instant::now();
+    publish_revocation(&ingest, &disabled, "disabled").await;
+    publish_revocation(&ingest, &deleted, "deleted").await;
+    devices[0].closed_within(Duration::from_secs(1)).await;
+    devices[1].closed_within(Duration::from_secs(1)).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    devices[2].ping().await;
+    let conn = ingest.redis().await;
+    for id in [&disabled, &deleted] {
+        wait_events(&conn, &ingest.keys, id, "tcp_down(revoked)", |ev| {
+            common::has_tcp_down(ev, TcpDownReason::Revoked)
+        })
+        .await;
+    }
+    // The fresh cached "valid" is gone: refused at once, well within the TTL.
+    for (id, secret) in [(&disabled, &secrets[0]), (&deleted, &secrets[1])] {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            connack(&ingest, id, Some(id), Some(secret)).await,
+            ConnectReturnCode::NotAuthorized
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // A revocation of a device not connected here, or garbage, is harmless.
+    publish_revocation(&ingest, "nobody-here", "deleted").await;
+    let mut raw = ingest.redis().await;
+    let _: u64 = redis::cmd("PUBLISH")
+        .arg(ingest.keys.auth_revocations())
+        .arg(b"\x09junk".as_slice())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    devices[2].ping().await;
+    ingest.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_postgres_outage_known_devices_connect_and_unknown_ones_wait() {
     let mut pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
@@ -254,18 +360,34 @@ async fn during_a_postgres_outage_known_devices_connect_and_unknown_ones_wait() 
 
     // Past the TTL: the cache entry is stale, PostgreSQL cannot answer.
     tokio::time::sleep(TTL).await;
+    // Nobody waits for the database (its pool would wait the connect
+    // timeout, 1 s, on every check): the cache answers at once.
+    let fast = Duration::from_millis(500);
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let (mut dev, code) =
+            connect_with_credentials(&ingest.mqtt, &known, Some(&known), Some(secret.as_bytes()))
+                .await;
+        let took = started.elapsed();
+        assert_eq!(
+            code,
+            ConnectReturnCode::Accepted,
+            "known: cached credentials"
+        );
+        assert!(took < fast, "a known device waited {took:?}");
+        dev.send(&Packet::Disconnect).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            connack(&ingest, &stranger, Some(&stranger), Some("whatever")).await,
+            ConnectReturnCode::ServerUnavailable,
+            "unknown: cannot be checked"
+        );
+        let took = started.elapsed();
+        assert!(took < fast, "an unknown device waited {took:?}");
+    }
     let (mut dev, code) =
         connect_with_credentials(&ingest.mqtt, &known, Some(&known), Some(secret.as_bytes())).await;
-    assert_eq!(
-        code,
-        ConnectReturnCode::Accepted,
-        "known: cached credentials"
-    );
-    assert_eq!(
-        connack(&ingest, &stranger, Some(&stranger), Some("whatever")).await,
-        ConnectReturnCode::ServerUnavailable,
-        "unknown: cannot be checked"
-    );
+    assert_eq!(code, ConnectReturnCode::Accepted);
     assert!(
         ingest
             .metric("iot_ingest_auth_cache_total{result=\"stale\"}")

@@ -3,8 +3,15 @@
 //! Components set their own check (the ingest's event writer reports
 //! `degraded` while Redis is away); [`spawn_redis_probe`] keeps a `redis`
 //! check fresh so health requests never wait for Redis.
+//!
+//! Every check counts for the overall status (`/health`), but only the
+//! checks a service cannot serve without count for readiness
+//! (`/health/ready`): a check marked [`optional`](Health::mark_optional)
+//! (PostgreSQL: the `database` and `archive` checks) is reported, degraded
+//! or not, without taking the instance out of a load balancer's rotation;
+//! devices and presence work without PostgreSQL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +61,8 @@ pub struct Report {
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     checks: Arc<RwLock<BTreeMap<String, Check>>>,
+    /// Checks that do not decide readiness (see [`Health::mark_optional`]).
+    optional: Arc<RwLock<BTreeSet<String>>>,
 }
 
 impl Health {
@@ -77,6 +86,27 @@ impl Health {
     /// The current status of check `name`, if set.
     pub fn status_of(&self, name: &str) -> Option<Status> {
         self.checks.read().get(name).map(|c| c.status)
+    }
+
+    /// Marks check `name` as one the service can serve without: it is
+    /// reported (and makes the overall status degraded) but does not make
+    /// the service unready. Checks are required unless marked.
+    pub fn mark_optional(&self, name: &str) {
+        self.optional.write().insert(name.to_owned());
+    }
+
+    /// Whether check `name` was marked [`optional`](Self::mark_optional).
+    pub fn is_optional(&self, name: &str) -> bool {
+        self.optional.read().contains(name)
+    }
+
+    /// Ready: every check that is not optional is ok (`/health/ready`).
+    pub fn is_ready(&self) -> bool {
+        let optional = self.optional.read();
+        self.checks
+            .read()
+            .iter()
+            .all(|(name, c)| c.status == Status::Ok || optional.contains(name))
     }
 
     /// Every check and the overall status.
@@ -171,5 +201,23 @@ mod tests {
         h.set("c", Status::Ok, None, Some(Duration::from_millis(2)));
         assert_eq!(h.report().status, Status::Degraded);
         assert_eq!(h.report().checks["c"].latency_ms, Some(2.0));
+    }
+
+    #[test]
+    fn optional_checks_do_not_decide_readiness() {
+        let h = Health::default();
+        h.set("redis", Status::Ok, None, None);
+        h.set("database", Status::Degraded, Some("away".into()), None);
+        assert!(!h.is_ready(), "required unless marked");
+        h.mark_optional("database");
+        assert!(h.is_optional("database"));
+        assert!(h.is_ready());
+        assert_eq!(
+            h.report().status,
+            Status::Degraded,
+            "still reported as degraded"
+        );
+        h.set("redis", Status::Degraded, None, None);
+        assert!(!h.is_ready());
     }
 }

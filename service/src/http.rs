@@ -1,10 +1,15 @@
 //! The HTTP side every service has: `/health`, `/health/live`,
 //! `/health/ready` and `/metrics`, served with graceful shutdown.
 //!
-//! `/health` and `/health/ready` answer 200 when every check is ok and 503
-//! otherwise (with the report as JSON either way); `/health/live` answers 200
-//! while the process runs, so point liveness probes there: an ingest that
-//! buffers through a Redis outage must not be restarted.
+//! `/health` answers 200 when every check is ok and 503 otherwise, with the
+//! report as JSON either way (every check, degraded ones included).
+//! `/health/ready` answers from the same report, but only the checks the
+//! service cannot serve without decide it (Redis; the ingest's event
+//! writer): a degraded PostgreSQL check ([`Health::mark_optional`]) keeps it
+//! 200, so a database outage does not pull every instance out of a load
+//! balancer while devices and presence still work. `/health/live` answers
+//! 200 while the process runs, so point liveness probes there: an ingest
+//! that buffers through a Redis outage must not be restarted.
 
 use std::sync::Arc;
 
@@ -57,7 +62,7 @@ pub fn base_router(health: Health, metrics: PrometheusHandle, info: ServiceInfo)
     };
     Router::new()
         .route("/health", get(health_handler))
-        .route("/health/ready", get(health_handler))
+        .route("/health/ready", get(ready_handler))
         .route("/health/live", get(live_handler))
         .route("/metrics", get(metrics_handler))
         .with_state(state)
@@ -66,6 +71,23 @@ pub fn base_router(health: Health, metrics: PrometheusHandle, info: ServiceInfo)
 async fn health_handler(State(s): State<BaseState>) -> Response {
     let report = s.health.report();
     let code = if report.status == Status::Ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(HealthBody {
+            info: &s.info,
+            report,
+        }),
+    )
+        .into_response()
+}
+
+async fn ready_handler(State(s): State<BaseState>) -> Response {
+    let report = s.health.report();
+    let code = if s.health.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -106,4 +128,56 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    async fn status_of(addr: &str, path: &str) -> u16 {
+        reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .expect("GET")
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn readiness_ignores_optional_checks_and_health_reports_them() {
+        let health = Health::default();
+        health.set("redis", Status::Ok, None, None);
+        health.set("database", Status::Degraded, Some("away".into()), None);
+        health.mark_optional("database");
+        let info = ServiceInfo {
+            service: "api",
+            server_id: "t".into(),
+            version: "0",
+        };
+        let router = base_router(health.clone(), crate::metrics::handle(), info);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router, token.clone()));
+
+        assert_eq!(status_of(&addr, "/health").await, 503);
+        assert_eq!(status_of(&addr, "/health/ready").await, 200);
+        let body: serde_json::Value = reqwest::get(format!("http://{addr}/health/ready"))
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(body["checks"]["database"]["status"], "degraded");
+        assert_eq!(body["status"], "degraded");
+
+        health.set("redis", Status::Degraded, Some("gone".into()), None);
+        assert_eq!(status_of(&addr, "/health/ready").await, 503);
+        health.set("redis", Status::Ok, None, None);
+        health.set("database", Status::Ok, None, None);
+        assert_eq!(status_of(&addr, "/health").await, 200);
+        assert_eq!(status_of(&addr, "/health/live").await, 200);
+        token.cancel();
+        server.await.expect("task").expect("serve");
+    }
 }

@@ -514,6 +514,34 @@ impl Store {
             .fetch_one(&self.pool)
             .await?)
     }
+
+    /// Number of archived transition rows (all devices).
+    pub async fn count_transitions(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM transitions")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The identity (stream, entry id, position) of every archived event
+    /// row, sorted, duplicates kept: for audits that compare the archive
+    /// with what the streams held. Reads the whole table.
+    pub async fn event_keys(&self) -> Result<Vec<(String, String, i32)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT stream, entry_id, seq FROM events ORDER BY stream, entry_id, seq",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The identity (stream, entry id) of every archived transition row,
+    /// sorted, duplicates kept (see [`event_keys`](Self::event_keys)).
+    pub async fn transition_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT stream, entry_id FROM transitions ORDER BY stream, entry_id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
 }
 
 /// An archived event turned back into an [`Event`], with its stream identity.

@@ -38,6 +38,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether PostgreSQL rejected the data itself, so that sending the same
+    /// rows again can never succeed: SQLSTATE class 22 (data exception: a
+    /// value out of range, a character text cannot hold, bad JSON) or 23
+    /// (integrity constraint violation), or a value the driver cannot
+    /// encode. Connection trouble, timeouts, missing tables and every other
+    /// error are not: they may pass once the database (or its operator)
+    /// recovers.
+    pub fn is_rejected_data(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            StoreError::Db(sqlx::Error::Encode(_)) => true,
+            _ => false,
+        }
+    }
+
     /// Whether the database is unavailable (as opposed to a bad request).
     pub fn is_unavailable(&self) -> bool {
         matches!(

@@ -14,14 +14,19 @@
 //! - [`devices`]: the device registry (secrets stored as SHA-256).
 //! - [`archive`]: archived events, transitions and sessions; history pages.
 //! - [`archiver`]: the consumer group that fills the archive and trims the streams.
+//! - [`trim`]: the safe trim point of a stream, and entries trimmed before
+//!   the archive read them.
+//! - [`dead_letter`]: entries the archive could not store, with the error.
 //! - [`commands`]: the command log.
 //! - [`error`]: the error type, `StoreError`.
 
 pub mod archive;
 pub mod archiver;
 pub mod commands;
+pub mod dead_letter;
 pub mod devices;
 pub mod error;
+pub mod trim;
 
 use std::time::Duration;
 
@@ -151,11 +156,16 @@ impl Store {
     /// that lacks migrations (the service must not run against it). An
     /// unreachable database sets health check `check` degraded and lets the
     /// service start; it is retried by whoever uses the store.
+    ///
+    /// `check` is marked [optional](iot_service::Health::mark_optional): a
+    /// PostgreSQL outage shows in `/health` but never makes a service
+    /// unready, since nothing on the device path waits for the database.
     pub async fn check_at_start(
         &self,
         health: &iot_service::Health,
         check: &str,
     ) -> Result<(), StoreError> {
+        health.mark_optional(check);
         match self.check_schema().await {
             Ok(()) => {
                 health.set(check, iot_service::Status::Ok, None, None);

@@ -1,6 +1,9 @@
 //! The archiver against real Redis and PostgreSQL: exactly the stream's
-//! entries end up in the archive, across a killed archiver and a database
-//! outage.
+//! entries end up in the archive (compared as multisets, with `count(*)`),
+//! across an aborted archiver task and a database outage; entries
+//! PostgreSQL rejects become dead letters instead of stalling the archive;
+//! entries a writer trims before the archive reads them are reported.
+//! (`projector/tests/archive_kill.rs` SIGKILLs a real `iot-projector`.)
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -64,13 +67,29 @@ fn phy(i: usize) -> PhyId {
     PhyId::new(format!("dev-{i}")).expect("phy")
 }
 
+/// What the archive must end up with.
+#[derive(Debug, Default)]
+struct Expected {
+    /// (stream, entry id, seq) of every event row.
+    events: BTreeSet<(String, String, i32)>,
+    /// (stream, entry id) of every transition row.
+    transitions: BTreeSet<(String, String)>,
+}
+
+impl Expected {
+    fn extend(&mut self, other: Expected) {
+        self.events.extend(other.events);
+        self.transitions.extend(other.transitions);
+    }
+}
+
 /// Appends `n` entries (events and heartbeat batches) to the event shards
-/// and a lifecycle entry every 10th; returns the (stream, id, seq) of every
-/// row the archive must end up with.
-async fn append(redis: &RedisPool, from: usize, n: usize) -> BTreeSet<(String, String, i32)> {
+/// and a lifecycle entry every 10th, plus one undecodable entry; returns
+/// the rows the archive must end up with.
+async fn append(redis: &RedisPool, from: usize, n: usize) -> Expected {
     let keys = Keys::default();
     let server = ServerId::new("srv-1").expect("server id");
-    let mut expected = BTreeSet::new();
+    let mut expected = Expected::default();
     let mut conn = redis.get();
     for i in from..from + n {
         let shard = (i % SHARDS as usize) as u16;
@@ -121,11 +140,11 @@ async fn append(redis: &RedisPool, from: usize, n: usize) -> BTreeSet<(String, S
             .await
             .expect("XADD");
         for seq in 0..rows {
-            expected.insert((stream.clone(), id.clone(), seq));
+            expected.events.insert((stream.clone(), id.clone(), seq));
         }
         if i % 10 == 0 {
             let lstream = keys.lifecycle(shard);
-            let _: String = redis::cmd("XADD")
+            let lid: String = redis::cmd("XADD")
                 .arg(&lstream)
                 .arg("*")
                 .arg(&[
@@ -139,9 +158,10 @@ async fn append(redis: &RedisPool, from: usize, n: usize) -> BTreeSet<(String, S
                 .query_async(&mut conn)
                 .await
                 .expect("XADD lifecycle");
+            expected.transitions.insert((lstream, lid));
         }
     }
-    // A garbage entry is skipped, not retried forever.
+    // A garbage entry becomes a dead letter, not retried forever.
     let _: String = redis::cmd("XADD")
         .arg(keys.events(0))
         .arg("*")
@@ -153,13 +173,100 @@ async fn append(redis: &RedisPool, from: usize, n: usize) -> BTreeSet<(String, S
     expected
 }
 
-async fn archived(store: &Store) -> BTreeSet<(String, String, i32)> {
-    sqlx::query_as::<_, (String, String, i32)>("SELECT stream, entry_id, seq FROM events")
+/// Every archived event row's identity, sorted, duplicates kept.
+async fn archived(store: &Store) -> Vec<(String, String, i32)> {
+    sqlx::query_as::<_, (String, String, i32)>(
+        "SELECT stream, entry_id, seq FROM events ORDER BY stream, entry_id, seq",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("select")
+}
+
+/// Every archived transition row's identity, sorted, duplicates kept.
+async fn archived_transitions(store: &Store) -> Vec<(String, String)> {
+    sqlx::query_as::<_, (String, String)>(
+        "SELECT stream, entry_id FROM transitions ORDER BY stream, entry_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("select")
+}
+
+async fn count(store: &Store, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+}
+
+/// The archive holds exactly `expected`: same multiset, same count.
+async fn assert_archive_is(store: &Store, expected: &Expected) {
+    let events = archived(store).await;
+    let want: Vec<_> = expected.events.iter().cloned().collect();
+    assert_eq!(events, want, "event rows (sorted, duplicates kept)");
+    assert_eq!(count(store, "events").await, want.len() as i64);
+    let transitions = archived_transitions(store).await;
+    let want: Vec<_> = expected.transitions.iter().cloned().collect();
+    assert_eq!(transitions, want, "transition rows");
+    assert_eq!(count(store, "transitions").await, want.len() as i64);
+}
+
+fn command_store(pool: &RedisPool) -> iot_downlink::CommandStore {
+    iot_downlink::CommandStore::new(
+        pool.clone(),
+        Keys::default(),
+        iot_downlink::Settings {
+            stream_maxlen: None,
+            ..iot_downlink::Settings::from(&iot_core::config::DownlinkConfig::default())
+        },
+    )
+}
+
+/// Commands `from..to`: even ones queued, sent and acked, odd ones failed
+/// at once (their device is offline); returns every (command, status)
+/// change the command log must hold.
+async fn command_changes(
+    commands: &iot_downlink::CommandStore,
+    from: usize,
+    to: usize,
+) -> BTreeSet<(Uuid, String)> {
+    use iot_downlink::{NewCommand, Status, Transition, route};
+    let mut out = BTreeSet::new();
+    for i in from..to {
+        let queue = i % 2 == 0;
+        let new = NewCommand {
+            phy_id: PhyId::new(format!("cmd-dev-{i}")).expect("phy"),
+            name: "reboot".into(),
+            payload: vec![i as u8],
+            ttl: None,
+            queue_if_offline: queue,
+        };
+        let cmd = route::submit(commands, new).await.expect("submit");
+        if queue {
+            let now = iot_core::time::now_ms();
+            for (k, to) in [Status::Sent, Status::Acked].into_iter().enumerate() {
+                commands
+                    .transition(&cmd.id, &Transition::to(to), now + 1 + k as i64)
+                    .await
+                    .expect("transition");
+            }
+            for s in ["queued", "sent", "acked"] {
+                out.insert((cmd.id, s.to_owned()));
+            }
+        } else {
+            out.insert((cmd.id, "failed".to_owned()));
+        }
+    }
+    out
+}
+
+/// Every archived command change, sorted, duplicates kept.
+async fn archived_changes(store: &Store) -> Vec<(Uuid, String)> {
+    sqlx::query_as("SELECT command_id, status FROM command_events ORDER BY command_id, status")
         .fetch_all(store.pool())
         .await
         .expect("select")
-        .into_iter()
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +298,7 @@ async fn archive_holds_exactly_the_stream_after_a_killed_archiver() {
     let _ = first.await;
     let partial = store.count_events().await.expect("count") as usize;
     assert!(
-        partial < expected.len(),
+        partial < expected.events.len(),
         "the kill came too late to test anything"
     );
 
@@ -204,22 +311,23 @@ async fn archive_holds_exactly_the_stream_after_a_killed_archiver() {
         opts("archiver-b"),
         token.clone(),
     ));
-    let got = eventually(Duration::from_secs(60), "every entry archived", || async {
-        let got = archived(&store).await;
-        if got.len() >= expected.len() {
-            Ok(got)
+    eventually(Duration::from_secs(60), "every entry archived", || async {
+        let got = archived(&store).await.len();
+        let transitions = archived_transitions(&store).await.len();
+        if got >= expected.events.len() && transitions >= expected.transitions.len() {
+            Ok(())
         } else {
-            Err(format!("{} of {}", got.len(), expected.len()))
+            Err(format!("{got} of {} rows", expected.events.len()))
         }
     })
     .await;
-    assert_eq!(got, expected, "archive must hold exactly the stream's rows");
-
-    let transitions: i64 = sqlx::query_scalar("SELECT count(*) FROM transitions")
-        .fetch_one(store.pool())
-        .await
-        .expect("count");
-    assert_eq!(transitions, 200);
+    assert_archive_is(&store, &expected).await;
+    assert_eq!(expected.transitions.len(), 200);
+    assert_eq!(
+        count(&store, "archive_dead_letters").await,
+        2,
+        "the junk entry of each append, recorded once"
+    );
 
     // Everything processed by every group: the streams are trimmed.
     let mut conn = pool.get();
@@ -272,19 +380,26 @@ async fn postgres_outage_loses_nothing() {
         opts("archiver-a"),
         token.clone(),
     ));
+    let commands = command_store(&pool);
     let mut expected = append(&pool, 0, 300).await;
+    let mut changes = command_changes(&commands, 0, 5).await;
     eventually(
         Duration::from_secs(20),
         "first entries archived",
         || async {
             let n = archived(&store).await.len();
-            if n == expected.len() { Ok(()) } else { Err(n) }
+            if n == expected.events.len() {
+                Ok(())
+            } else {
+                Err(n)
+            }
         },
     )
     .await;
 
     pg.stop();
     expected.extend(append(&pool, 300, 300).await);
+    changes.extend(command_changes(&commands, 5, 10).await);
     eventually(
         Duration::from_secs(20),
         "archive reported degraded",
@@ -297,20 +412,46 @@ async fn postgres_outage_loses_nothing() {
     )
     .await;
     pg.start_again();
-    let got = eventually(
+    eventually(
         Duration::from_secs(60),
         "backlog archived after the outage",
         || async {
-            let got = archived(&store).await;
-            if got.len() >= expected.len() {
-                Ok(got)
+            let got = archived(&store).await.len();
+            let t = archived_transitions(&store).await.len();
+            let c = archived_changes(&store).await.len();
+            if got >= expected.events.len() && t >= expected.transitions.len() && c >= changes.len()
+            {
+                Ok(())
             } else {
-                Err(got.len())
+                Err((got, t, c))
             }
         },
     )
     .await;
-    assert_eq!(got, expected);
+    assert_archive_is(&store, &expected).await;
+    // Every command change, before and during the outage, exactly once;
+    // each command with its last status.
+    let want: Vec<(Uuid, String)> = changes.iter().cloned().collect();
+    assert_eq!(archived_changes(&store).await, want);
+    assert_eq!(count(&store, "command_events").await, want.len() as i64);
+    let statuses: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM commands ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .expect("commands");
+    let mut last: std::collections::BTreeMap<Uuid, String> = Default::default();
+    for (id, status) in &changes {
+        let rank = |s: &str| {
+            ["queued", "sent", "acked", "failed"]
+                .iter()
+                .position(|x| *x == s)
+        };
+        let keep = last.get(id).is_some_and(|cur| rank(cur) >= rank(status));
+        if !keep {
+            last.insert(*id, status.clone());
+        }
+    }
+    assert_eq!(statuses, last.into_iter().collect::<Vec<_>>());
     eventually(Duration::from_secs(10), "archive healthy again", || async {
         match health.status_of("archive") {
             Some(Status::Ok) => Ok(()),
@@ -478,6 +619,287 @@ async fn lifecycle_and_command_streams_are_trimmed_only_after_they_are_archived(
             Ok(())
         } else {
             Err(format!("rows {rows:?}, stream lengths {left:?}"))
+        }
+    })
+    .await;
+    token.cancel();
+    task.await.expect("archiver");
+}
+
+async fn xadd_entry(
+    conn: &mut redis::aio::ConnectionManager,
+    stream: &str,
+    entry: &Entry,
+) -> String {
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg(ENTRY_FIELD)
+        .arg(entry.encode())
+        .query_async(conn)
+        .await
+        .expect("XADD")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_postgres_rejects_become_dead_letters_and_the_archive_goes_on() {
+    let redis = RedisServer::start();
+    let db = TestDb::create().await;
+    let store = store_at(db.url()).await;
+    let pool = pool(&redis).await;
+    let keys = Keys::default();
+    let mut conn = pool.get();
+
+    let mut expected = append(&pool, 0, 120).await;
+    let server = ServerId::new("srv-1").expect("server id");
+    let uplink = |topic: &str, ts_ms| {
+        Entry::Event(Event {
+            phy_id: phy(9999),
+            conn_id: Uuid::from_u128(9999),
+            server_id: server.clone(),
+            epoch: 1,
+            ts_ms,
+            kind: EventKind::Uplink {
+                topic: topic.to_owned(),
+                qos: 0,
+                payload: b"x".to_vec(),
+            },
+        })
+    };
+    // jsonb cannot hold \u0000: PostgreSQL rejects the row (SQLSTATE 22P05).
+    let poison_event = uplink("devices/x/up/bad\0topic", 1_795_000_000_000);
+    let poison_event_id = xadd_entry(&mut conn, &keys.events(1), &poison_event).await;
+    // text cannot hold NUL (SQLSTATE 22021).
+    let poison_transition_id: String = redis::cmd("XADD")
+        .arg(keys.lifecycle(2))
+        .arg("*")
+        .arg(&[
+            ("phy_id", "dev-1"),
+            ("online", "1"),
+            ("reason", "bad\0reason"),
+            ("at_ms", "1795000000000"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("XADD");
+    // A time no day partition can hold: refused before PostgreSQL sees it.
+    let far_id = xadd_entry(&mut conn, &keys.events(2), &uplink("t", i64::MIN / 2)).await;
+    // Good entries after the poison in the same streams.
+    expected.extend(append(&pool, 120, 60).await);
+
+    let health = Health::default();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(archiver::run(
+        pool.clone(),
+        store.clone(),
+        health.clone(),
+        opts("archiver-a"),
+        token.clone(),
+    ));
+    let letters = eventually(Duration::from_secs(30), "everything handled", || async {
+        let rows = archived(&store).await.len();
+        let t = archived_transitions(&store).await.len();
+        let letters = store.dead_letters(100).await.map_err(|e| e.to_string())?;
+        if rows >= expected.events.len() && t >= expected.transitions.len() && letters.len() >= 5 {
+            Ok(letters)
+        } else {
+            Err(format!(
+                "{rows} rows, {t} transitions, {} dead letters",
+                letters.len()
+            ))
+        }
+    })
+    .await;
+    assert_archive_is(&store, &expected).await;
+    assert_eq!(letters.len(), 5, "two junk, three poisoned: {letters:?}");
+    // Entry ids are per stream: the same id may be in two streams.
+    let letter = |stream: String, id: &str| {
+        letters
+            .iter()
+            .find(|l| l.stream == stream && l.entry_id == id)
+            .unwrap_or_else(|| panic!("no dead letter for {stream} {id}: {letters:?}"))
+    };
+    let e = letter(keys.events(1), &poison_event_id);
+    assert!(!e.error.starts_with("undecodable"), "{}", e.error);
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(e.fields["e"].as_str().expect("e field"))
+        .expect("base64");
+    assert_eq!(raw, poison_event.encode(), "the entry is kept as it was");
+    let t = letter(keys.lifecycle(2), &poison_transition_id);
+    assert!(
+        !t.error.is_empty() && !t.error.starts_with("undecodable"),
+        "{}",
+        t.error
+    );
+    assert!(
+        letter(keys.events(2), &far_id)
+            .error
+            .contains("outside the years"),
+        "{letters:?}"
+    );
+    assert_eq!(
+        health.status_of("archive"),
+        Some(Status::Ok),
+        "a rejected entry is not an outage"
+    );
+
+    // Nothing stalls: nothing left pending, and the streams are trimmed.
+    eventually(Duration::from_secs(20), "acknowledged and trimmed", || {
+        let mut conn = conn.clone();
+        let keys = keys.clone();
+        async move {
+            let mut pending = 0;
+            for key in [keys.events(1), keys.lifecycle(2), keys.events(2)] {
+                let p: PendingSummary = redis::cmd("XPENDING")
+                    .arg(&key)
+                    .arg(iot_core::keys::ARCHIVER_GROUP)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                pending += p.0;
+            }
+            let left: u64 = redis::cmd("XLEN")
+                .arg(keys.events(1))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if pending == 0 && left < 40 {
+                Ok(())
+            } else {
+                Err(format!("{pending} pending, {left} left in shard 1"))
+            }
+        }
+    })
+    .await;
+    token.cancel();
+    task.await.expect("archiver task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_by_a_writer_before_the_archive_read_them_are_reported() {
+    let redis = RedisServer::start();
+    let db = TestDb::create().await;
+    let store = store_at(db.url()).await;
+    let pool = pool(&redis).await;
+    let keys = Keys::default();
+    let mut conn = pool.get();
+    // Small radix tree nodes, so that the archiver's own `MINID ~` trims.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stream-node-max-entries")
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    let stream = keys.events(0);
+    let heartbeat = |i: usize| {
+        Entry::Event(Event {
+            phy_id: phy(i),
+            conn_id: Uuid::from_u128(i as u128),
+            server_id: ServerId::new("srv-1").expect("server id"),
+            epoch: 1,
+            ts_ms: 1_795_000_000_000 + i as i64,
+            kind: EventKind::Heartbeat,
+        })
+    };
+    let xlen = |conn: &redis::aio::ConnectionManager| {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(stream)
+                .query_async::<u64>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Before the archive existed, a writer capped the stream: that is not
+    // a loss of the archive.
+    for i in 0..20 {
+        xadd_entry(&mut conn, &stream, &heartbeat(i)).await;
+    }
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(&stream)
+        .arg("MAXLEN")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .expect("XTRIM");
+
+    let health = Health::default();
+    let start = |consumer: &str| {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(archiver::run(
+            pool.clone(),
+            store.clone(),
+            health.clone(),
+            opts(consumer),
+            token.clone(),
+        ));
+        (token, task)
+    };
+    let (token, task) = start("archiver-a");
+    // Archived and trimmed by the archiver itself (so a round that looked
+    // for gaps has run).
+    eventually(Duration::from_secs(20), "archived and trimmed", || async {
+        let rows = store.count_events().await.map_err(|e| e.to_string())?;
+        let left = xlen(&conn).await?;
+        if rows == 5 && left <= 1 {
+            Ok(())
+        } else {
+            Err(format!("{rows} rows, {left} left"))
+        }
+    })
+    .await;
+    assert_eq!(health.status_of("archive_gaps"), Some(Status::Ok));
+    let marker: Option<String> = redis::cmd("GET")
+        .arg(keys.archive_marker())
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(marker.as_deref(), Some(iot_core::keys::ARCHIVER_GROUP));
+    assert!(
+        iot_store::trim::archive_is_on(&mut conn, &keys)
+            .await
+            .expect("GET")
+    );
+    token.cancel();
+    task.await.expect("archiver");
+
+    // While no archiver runs, a writer with MAXLEN trims 50 unread entries.
+    for i in 20..80 {
+        xadd_entry(&mut conn, &stream, &heartbeat(i)).await;
+    }
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(&stream)
+        .arg("MAXLEN")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .expect("XTRIM");
+    let (token, task) = start("archiver-b");
+    let detail = eventually(Duration::from_secs(20), "the gap reported", || async {
+        let report = health.report();
+        match report.checks.get("archive_gaps") {
+            Some(c) if c.status == Status::Degraded => Ok(c.detail.clone().unwrap_or_default()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        detail.starts_with("50 stream entries left Redis before the archive stored them"),
+        "{detail}"
+    );
+    assert!(detail.contains("database.url"), "says what to do: {detail}");
+    assert!(health.is_optional("archive_gaps"), "not a readiness check");
+    assert!(health.is_ready(), "a gap does not make the service unready");
+    eventually(Duration::from_secs(20), "the rest archived", || async {
+        let rows = store.count_events().await.map_err(|e| e.to_string())?;
+        if rows == 15 {
+            Ok(())
+        } else {
+            Err(format!("{rows} rows"))
         }
     })
     .await;

@@ -1,11 +1,38 @@
 //! Archive throughput: rows per second the archiver writes into PostgreSQL.
 //!
-//! Ignored by default (it takes tens of seconds); run with
-//! `cargo test --release -p iot-store --test throughput -- --ignored --nocapture`.
 //! It fills 8 event shards of a private redis-server with single events
 //! (connected / uplink / tcp_down) and with heartbeat batches, then lets one
-//! archiver consume everything into a fresh database on the local
-//! PostgreSQL and reports rows per second for each.
+//! archiver (batches of 512 entries) consume everything into a fresh
+//! database on the local PostgreSQL and reports rows per second for each.
+//! The clock starts when the archiver starts (filling Redis is not timed)
+//! and stops when `count(*)` of `events` reaches the rows written.
+//!
+//! # Running the measurement
+//!
+//! Ignored by default (it takes tens of seconds). On a quiet machine (no
+//! other build or test running: the 2 cores are shared), from the
+//! workspace root:
+//!
+//! ```text
+//! export CARGO_PROFILE_DEV_DEBUG=line-tables-only   # only matters for debug builds
+//! cargo test --release -p iot-store --test throughput -- --ignored --nocapture --test-threads=1
+//! ```
+//!
+//! Needs `redis-server` on the PATH (or `REDIS_SERVER_BIN`) and PostgreSQL
+//! on `127.0.0.1:5432` with trust auth (or `TEST_DATABASE_URL` pointing at
+//! a server where the test may create and drop a database). Always use
+//! `--release`: a debug build measures the archiver's own code, not
+//! PostgreSQL. Each case prints one line:
+//!
+//! ```text
+//! single events (connected/uplink/tcp_down): 100000 rows from 100000 stream entries in N s = R rows/s (E entries/s)
+//! heartbeat batches of 100: 300000 rows from 3000 stream entries in N s = R rows/s (E entries/s)
+//! ```
+//!
+//! Record both `rows/s` figures, with the machine, the PostgreSQL version
+//! (`psql --version`) and the commit, in BENCHMARKS.md; run it two or three
+//! times and give the median (the first run also creates the day
+//! partitions and warms PostgreSQL's cache).
 
 use std::time::{Duration, Instant};
 

@@ -128,14 +128,22 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// Readiness for orchestrators and load balancers: ready when Redis answers
-/// (the Redis check, refreshed every second). 200 or 503.
+/// (the Redis check, refreshed every second). A degraded `database` check
+/// is reported in the body but does not make the api unready: presence and
+/// commands need Redis only. 200 or 503.
 #[utoipa::path(get, path = "/health/ready", tag = "health",
     responses(
         (status = 200, description = "Ready: Redis answers", body = HealthReport),
         (status = 503, description = "Not ready", body = HealthReport),
     ))]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    report(&state)
+    let mut response = report(&state);
+    *response.status_mut() = if state.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    response
 }
 
 /// Liveness: 200 while the process serves HTTP.

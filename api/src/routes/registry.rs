@@ -8,6 +8,14 @@
 //! read token is 403). Without `database.url` these routes answer 503
 //! `database_not_configured`; while PostgreSQL is away, 503
 //! `database_unavailable`.
+//!
+//! After a disable or a delete the api publishes a
+//! [`Revocation`](iot_core::control::Revocation) on Redis
+//! ([`Keys::auth_revocations`](iot_core::Keys::auth_revocations)): every
+//! ingest in mode `registry` drops the device's cached verdicts and closes
+//! its connection at once. Publishing is best effort (the change is in
+//! PostgreSQL already); an ingest that misses it finds the change at its
+//! next re-check, within its credential cache TTL.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -61,7 +69,7 @@ pub struct RegisterRequest {
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
     /// Enable or disable it (a disabled device is refused at CONNECT and
-    /// disconnected by the ingest within its credential cache TTL).
+    /// disconnected by the ingests at once).
     pub enabled: Option<bool>,
     /// Replaces all its labels (same rules as at registration).
     #[schema(example = json!({"site": "hamburg"}))]
@@ -147,6 +155,32 @@ impl From<&Device> for RegisteredDevice {
             labels: labels::to_strings(&d.labels),
             created_at: rfc3339_dt(&d.created_at),
             updated_at: rfc3339_dt(&d.updated_at),
+        }
+    }
+}
+
+/// Tells every ingest that `phy` may no longer connect (see the module
+/// doc); logs, never fails the request.
+async fn announce_revocation(state: &AppState, phy: &PhyId, why: &str) {
+    let message = iot_core::control::Revocation {
+        phy_id: phy.clone(),
+        why: why.to_owned(),
+    };
+    let mut conn = state.redis.get();
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(state.keys.auth_revocations()).arg(message.encode());
+    let publish = cmd.query_async::<u64>(&mut conn);
+    match tokio::time::timeout(state.redis_timeout, publish).await {
+        Ok(Ok(listeners)) => {
+            tracing::debug!(phy_id = %phy, why, listeners, "revocation announced to the ingests");
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(phy_id = %phy, why, error = %e,
+                "cannot announce the revocation; ingests close the device at their next re-check");
+        }
+        Err(_) => {
+            tracing::warn!(phy_id = %phy, why,
+                "announcing the revocation timed out; ingests close the device at their next re-check");
         }
     }
 }
@@ -329,12 +363,15 @@ pub async fn update(
         })
         .await?;
     tracing::info!(phy_id = %phy, enabled = device.enabled, "registered device changed");
+    if patch.enabled == Some(false) {
+        announce_revocation(&state, &phy, "disabled").await;
+    }
     Ok(Json(RegisteredDevice::from(&device)))
 }
 
 /// Removes a device from the registry: with auth mode `registry` it can no
-/// longer connect (and is disconnected within the ingest's credential cache
-/// TTL). Its history stays. Needs a write token.
+/// longer connect (and is disconnected by the ingests at once). Its
+/// history stays. Needs a write token.
 #[utoipa::path(delete, path = "/api/devices/{phyID}", operation_id = "delete_registered_device", tag = "registry",
     params(
         ("phyID" = String, Path, description = "The device: 1 to 64 characters of [A-Za-z0-9._-]",
@@ -362,6 +399,7 @@ pub async fn delete(
         return Err(not_registered(&phy));
     }
     tracing::info!(phy_id = %phy, "device removed from the registry");
+    announce_revocation(&state, &phy, "deleted").await;
     Ok(StatusCode::NO_CONTENT)
 }
 

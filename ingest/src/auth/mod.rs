@@ -8,8 +8,9 @@
 //! storm; refusals are answered "not authorized" after a delay that grows
 //! with the failures from the same address; while PostgreSQL cannot answer,
 //! devices the cache knows keep connecting and the others are told "server
-//! unavailable"; devices disabled or deleted while connected are closed
-//! within the cache TTL.
+//! unavailable", at once (nobody waits for a database known to be away);
+//! devices disabled or deleted while connected are closed at once when the
+//! api announces it on Redis, and within the cache TTL otherwise.
 //!
 //! # Layout
 //!
@@ -18,7 +19,8 @@
 //! - [`registry`]: mode `registry`.
 //! - [`cache`]: the credential cache (pure).
 //! - [`throttle`]: the per-address slow-down of failures (pure).
-//! - [`revocation`]: the periodic re-check of the devices connected here.
+//! - [`revocation`]: revocations from the api over Redis Pub/Sub, and the
+//!   periodic re-check of the devices connected here.
 
 pub mod cache;
 pub mod registry;
@@ -136,13 +138,29 @@ pub async fn from_config(config: &Config, health: &Health) -> Result<Auth, AuthC
                 .database
                 .connect_timeout
                 .max(std::time::Duration::from_millis(100));
-            let registry = RegistryAuth::new(store, config.mqtt.auth_cache_ttl, timeout);
+            let mut registry =
+                RegistryAuth::new(store, config.mqtt.auth_cache_ttl, timeout, health.clone());
+            match revocation_feed(config) {
+                Ok(feed) => registry = registry.with_feed(feed),
+                Err(e) => tracing::warn!(error = %e,
+                    "no revocation channel; disabled devices are closed at the periodic re-check only"),
+            }
             Ok(Auth {
                 authenticator: Box::new(registry.clone()),
                 registry: Some(registry),
             })
         }
     }
+}
+
+/// The revocation channel on the instance's Redis.
+fn revocation_feed(config: &Config) -> Result<revocation::Feed, String> {
+    let url = config.redis.connection_url().map_err(|e| e.to_string())?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    Ok(revocation::Feed {
+        client,
+        channel: config.keys().auth_revocations(),
+    })
 }
 
 #[cfg(test)]
