@@ -59,8 +59,12 @@ impl Context {
         config: Config,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Self> {
+        let mut config = config;
         let server_id = server_id(&config).map_err(anyhow::Error::msg)?;
         let redis = crate::redis::RedisPool::connect(&config.redis).await?;
+        if config.stream_maxlen().is_some() {
+            config.streams.archive_marked = archive_marked(&redis, &config).await;
+        }
         let health = crate::health::Health::default();
         health.set("redis", crate::health::Status::Ok, None, None);
         crate::health::spawn_redis_probe(
@@ -90,6 +94,31 @@ impl Context {
                 version: env!("CARGO_PKG_VERSION"),
             },
         )
+    }
+}
+
+/// Whether an archiver has marked the archive on in this Redis (its
+/// `archive:on` key): then no writer may cap the streams, whatever its own
+/// `database.url` says, or entries could leave before they are archived. Read
+/// once at start; a Redis error keeps the configured cap.
+async fn archive_marked(redis: &crate::redis::RedisPool, config: &Config) -> bool {
+    let mut conn = redis.get();
+    match redis::cmd("EXISTS")
+        .arg(config.keys().archive_marker())
+        .query_async::<bool>(&mut conn)
+        .await
+    {
+        Ok(true) => {
+            tracing::info!(
+                "an archiver runs on this Redis: the streams this service writes are not capped with MAXLEN (the archiver trims them)"
+            );
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the archive marker; capping the streams as configured");
+            false
+        }
     }
 }
 

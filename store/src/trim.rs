@@ -15,8 +15,9 @@
 //! first entry lies beyond the archive group's position, and the stream has
 //! lost more entries than the group ever read. The archiver counts them in
 //! `iot_archive_entries_lost_total` and reports the `archive_gaps` check
-//! degraded. Writers avoid it by taking their cap from [`writer_maxlen`]
-//! at start (the [archive marker](archive_is_on)).
+//! degraded. Writers avoid it: every service looks for the [archive
+//! marker](archive_is_on) at start (`iot_service::startup::Context::start`)
+//! and then writes without `MAXLEN`.
 
 use std::time::Duration;
 
@@ -282,32 +283,6 @@ pub async fn archive_is_on<C: ConnectionLike + Send>(
         .query_async(conn)
         .await?;
     Ok(v.is_some())
-}
-
-/// The `MAXLEN` a stream writer should put on the archived streams:
-/// `None` when an archiver has [marked](mark_archive_on) the archive on,
-/// whatever this service's own `database.url` says; else `configured`
-/// (`Config::stream_maxlen`). Read once at start; a Redis error keeps
-/// `configured`.
-pub async fn writer_maxlen<C: ConnectionLike + Send>(
-    conn: &mut C,
-    keys: &Keys,
-    configured: Option<u64>,
-) -> Option<u64> {
-    configured?;
-    match archive_is_on(conn, keys).await {
-        Ok(true) => {
-            tracing::info!(
-                "an archiver runs on this Redis: the archived streams are not capped with MAXLEN (the archiver trims them)"
-            );
-            None
-        }
-        Ok(false) => configured,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the archive marker; capping the streams as configured");
-            configured
-        }
-    }
 }
 
 #[cfg(test)]

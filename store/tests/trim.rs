@@ -225,18 +225,26 @@ async fn writers_drop_their_maxlen_once_an_archiver_marked_the_archive_on() {
     let redis = RedisServer::start();
     let mut conn = conn(&redis).await;
     let keys = iot_core::Keys::new("w:").expect("prefix");
+    // A service without `database.url` (an ingest in open mode) caps...
+    let mut config = iot_core::Config::default();
+    config.redis.url = redis.url();
+    config.redis.key_prefix = "w:".into();
+    config.streams.maxlen = 1000;
+    let start = |config: iot_core::Config| async move {
+        let token = tokio_util::sync::CancellationToken::new();
+        let ctx = iot_service::startup::Context::start(config, token.clone())
+            .await
+            .expect("context");
+        token.cancel();
+        ctx.config.stream_maxlen()
+    };
     assert!(!trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
-    assert_eq!(
-        trim::writer_maxlen(&mut conn, &keys, Some(1000)).await,
-        Some(1000)
-    );
+    assert_eq!(start(config.clone()).await, Some(1000));
+    // ...until an archiver has marked the archive on: then it leaves
+    // trimming to the archiver.
     trim::mark_archive_on(&mut conn, &keys).await.expect("SET");
     assert!(trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
-    assert_eq!(
-        trim::writer_maxlen(&mut conn, &keys, Some(1000)).await,
-        None
-    );
-    assert_eq!(trim::writer_maxlen(&mut conn, &keys, None).await, None);
+    assert_eq!(start(config).await, None);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(keys.archive_marker())
         .query_async(&mut conn)

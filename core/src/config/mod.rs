@@ -234,6 +234,12 @@ pub struct StreamsConfig {
     /// makes connections wait (backpressure). Default 65536.
     /// Env `IOT_STREAMS_CHANNEL_CAPACITY`.
     pub channel_capacity: u32,
+    /// Not a config key: set at start when an archiver has marked the
+    /// archive on in Redis (`archive:on`), so that a service without
+    /// `database.url` leaves trimming to the archiver too (see
+    /// [`Config::stream_maxlen`]).
+    #[serde(skip)]
+    pub archive_marked: bool,
 }
 
 /// `downlink:` — commands to devices.
@@ -419,6 +425,7 @@ impl Default for StreamsConfig {
             flush_interval: Duration::from_millis(2),
             buffer_max: 100_000,
             channel_capacity: 65_536,
+            archive_marked: false,
         }
     }
 }
@@ -642,9 +649,11 @@ impl Config {
     }
 
     /// The `MAXLEN ~` cap the ingest puts on each event stream shard, or
-    /// `None` when the archiver trims them (see [`archive_enabled`](Self::archive_enabled)).
+    /// `None` when the archiver trims them: this service has the archive on
+    /// ([`archive_enabled`](Self::archive_enabled)), or found at start that
+    /// an archiver runs on its Redis (`streams.archive_marked`).
     pub fn stream_maxlen(&self) -> Option<u64> {
-        (!self.archive_enabled()).then_some(self.streams.maxlen)
+        (!self.archive_enabled() && !self.streams.archive_marked).then_some(self.streams.maxlen)
     }
 
     /// TTL of session keys: 2 x heartbeat timeout.

@@ -97,10 +97,10 @@ pub fn apply(auth: &RegistryAuth, registry: &Registry, payload: &[u8]) -> bool {
     let Some(conn) = registry.get(&r.phy_id) else {
         return false;
     };
-    let closed = registry.close_device(&r.phy_id, conn.epoch, TcpDownReason::Revoked);
+    let closed = registry.close_device(&r.phy_id, conn.epoch(), TcpDownReason::Revoked);
     if closed {
         crate::metrics::auth_revoked();
-        tracing::info!(phy_id = %r.phy_id, epoch = conn.epoch, why = %r.why,
+        tracing::info!(phy_id = %r.phy_id, epoch = conn.epoch(), why = %r.why,
             "device revoked in the registry; closing its connection");
     }
     closed
