@@ -426,6 +426,17 @@ async fn the_presence_answer_carries_the_registry_entry() {
     assert_eq!(d["connected"], false);
     assert_eq!(d["epoch"], 0);
     assert_eq!(d["registry"]["labels"], json!({}));
+    // The seed's question answers it the same way.
+    let (status, d) = api.get("/api/devices/never-dev/online").await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["reason"], "never_seen");
+    assert_eq!(d["score"], 0.0);
+    assert_eq!(d["online"], false);
+    assert_eq!(
+        api.expect_error("/api/devices/nobody/online", Some(READ), 404)
+            .await,
+        "device_not_found"
+    );
     // A session without a registry entry: no `registry` field.
     let (status, d) = api.get("/api/devices/unregistered").await;
     assert_eq!(status, 200);
