@@ -137,11 +137,11 @@ impl Keys {
         self.k(format_args!("presence:seen:{{{shard}}}"))
     }
 
-    /// Sorted set phyID -> the bound epoch of each device of a shard that is
-    /// in the online index (a member exactly while it is online there).
-    /// Written by the projector with the online index; a heartbeat whose
-    /// epoch is at most this score cannot change the view beyond
-    /// `last_seen`, so it goes to the [`seen`](Self::seen) set only.
+    /// Hash phyID -> the bound epoch of each device of a shard that is in
+    /// the online index (a field exactly while it is online there). Written
+    /// by the projector with the online index; a heartbeat whose epoch is at
+    /// most this value cannot change the view beyond `last_seen`, so it goes
+    /// to the [`seen`](Self::seen) set only.
     pub fn bound(&self, shard: u16) -> String {
         self.k(format_args!("presence:bound:{{{shard}}}"))
     }

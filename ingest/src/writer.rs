@@ -11,8 +11,13 @@
 //! processed (see [`iot_core::Config::stream_maxlen`]).
 //!
 //! Heartbeats coalesce: per flush only the newest heartbeat of each device is
-//! kept ([`Pending`]), and they travel as `Entry::Heartbeats` batches grouped
-//! by shard. Every other event is its own entry, written in arrival order. A
+//! kept ([`Pending`]), and they travel together in as few `Entry::Heartbeats`
+//! entries as fit ([`BEATS_PER_ENTRY`] each), whatever the devices' shards,
+//! on streams taken in turn. Heartbeats merge by max, in any order, so they
+//! need no place beside their device's other events; what a stream entry
+//! costs Redis (the `XADD`, its delivery and `XACK`) is then shared by every
+//! heartbeat of a flush instead of by the few of one shard. Every other
+//! event is its own entry in its device's shard, written in arrival order. A
 //! QoS 1 uplink carries a completion signal that fires once its XADD has
 //! succeeded, so the PUBACK follows the write.
 //!
@@ -180,9 +185,10 @@ impl Pending {
 }
 
 impl Batch {
-    /// The stream entries: each event on its own, then the heartbeats grouped
-    /// by shard in entries of at most [`BEATS_PER_ENTRY`].
-    pub fn entries(&self, server_id: &ServerId, shards: u16) -> Vec<(u16, Entry)> {
+    /// The stream entries: each event on its own, in its device's shard, then
+    /// the heartbeats in entries of at most [`BEATS_PER_ENTRY`], the first on
+    /// shard `turn % shards`, the next on the next shard, and so on.
+    pub fn entries(&self, server_id: &ServerId, shards: u16, turn: u64) -> Vec<(u16, Entry)> {
         let mut out: Vec<(u16, Entry)> = self
             .events
             .iter()
@@ -193,23 +199,17 @@ impl Batch {
                 )
             })
             .collect();
-        let mut by_shard: BTreeMap<u16, Vec<Heartbeat>> = BTreeMap::new();
-        for hb in &self.beats {
-            by_shard
-                .entry(iot_core::keys::shard_of(hb.phy_id.as_str(), shards))
-                .or_default()
-                .push(hb.clone());
-        }
-        for (shard, beats) in by_shard {
-            for chunk in beats.chunks(BEATS_PER_ENTRY) {
-                out.push((
-                    shard,
-                    Entry::Heartbeats(HeartbeatBatch {
-                        server_id: server_id.clone(),
-                        beats: chunk.to_vec(),
-                    }),
-                ));
-            }
+        let shards = u64::from(shards.max(1));
+        for (i, chunk) in self.beats.chunks(BEATS_PER_ENTRY).enumerate() {
+            // Less than `shards`, so it fits.
+            let shard = u16::try_from(turn.wrapping_add(i as u64) % shards).unwrap_or(0);
+            out.push((
+                shard,
+                Entry::Heartbeats(HeartbeatBatch {
+                    server_id: server_id.clone(),
+                    beats: chunk.to_vec(),
+                }),
+            ));
         }
         out
     }
@@ -357,6 +357,7 @@ pub fn spawn(
         finish: finish_rx,
         deadline: None,
         degraded_since: None,
+        turn: 0,
     };
     let join = tokio::spawn(writer.run());
     (WriterHandle { tx }, WriterControl { finish, join })
@@ -377,6 +378,8 @@ struct Writer {
     deadline: Option<Instant>,
     /// When the current outage began (degraded), for the log.
     degraded_since: Option<Instant>,
+    /// Which stream the next heartbeat entry goes to (taken in turn).
+    turn: u64,
 }
 
 impl Writer {
@@ -488,7 +491,8 @@ impl Writer {
                 return true;
             }
             gauge!(m::BUFFERED).set((self.pending.len() + batch.len()) as f64);
-            let entries = batch.entries(&self.server_id, self.cfg.shards);
+            let entries = batch.entries(&self.server_id, self.cfg.shards, self.turn);
+            self.turn = self.turn.wrapping_add(1);
             let started = Instant::now();
             match self.write(&entries, &mut buf).await {
                 Ok(()) => {
@@ -729,7 +733,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_group_heartbeats_by_shard_in_bounded_batches() {
+    fn entries_put_a_flushs_heartbeats_in_as_few_entries_as_fit_on_streams_in_turn() {
         let shards = 4;
         let mut p = Pending::new(10);
         p.push(event(1, 1));
@@ -738,26 +742,30 @@ mod tests {
         }
         assert_eq!(p.entries(), 1 + 3);
         let batch = p.take(10);
-        let entries = batch.entries(&server(), shards);
+        let entries = batch.entries(&server(), shards, 6);
+        assert_eq!(entries.len(), 1 + 3, "1200 heartbeats in 3 entries");
         assert!(matches!(entries[0].1, Entry::Event(_)));
         assert_eq!(
             entries[0].0,
             iot_core::keys::shard_of("d1", shards),
             "an event goes to its device's shard"
         );
-        let mut seen = 0;
-        for (shard, entry) in &entries[1..] {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, (shard, entry)) in entries[1..].iter().enumerate() {
             let Entry::Heartbeats(b) = entry else {
                 panic!("expected heartbeats")
             };
             assert!(b.beats.len() <= BEATS_PER_ENTRY);
             assert_eq!(b.server_id, server());
-            for hb in &b.beats {
-                assert_eq!(iot_core::keys::shard_of(hb.phy_id.as_str(), shards), *shard);
-            }
-            seen += b.beats.len();
+            assert_eq!(u64::from(*shard), (6 + i as u64) % 4, "streams in turn");
+            seen.extend(b.beats.iter().map(|hb| hb.phy_id.clone()));
         }
-        assert_eq!(seen, 1200);
+        assert_eq!(seen.len(), 1200, "every device once");
+        // The next flush starts on the next stream.
+        let mut q = Pending::new(10);
+        q.push(beat(1, 1, 9));
+        let next = q.take(10).entries(&server(), shards, 7);
+        assert_eq!(next[0].0, 3);
         assert_eq!(
             batch.kind_counts(),
             vec![("heartbeat", 1200), ("tcp_down", 1)]

@@ -6,17 +6,17 @@
 //! projectors in any order, so the projection is a merge: each event is
 //! applied atomically to its device's view by a Redis function (Lua) that is
 //! the twin of [`iot_core::SessionView::apply`] and
-//! [`iot_core::Policy::evaluate`], and the shard-level index (online and
-//! bound sets, revisions, lifecycle, due and known sets) is updated by a second function
-//! that accepts a state only if its revision is newer than the stored one.
+//! [`iot_core::Policy::evaluate`], and the shard-level index (online index,
+//! bound hash, revisions, lifecycle, due and known sets) is updated by a
+//! second function that accepts a state only if its revision is newer than the stored one.
 //! Every multi-key operation stays in one hash slot (the device's `{phy}` or
 //! the shard's `{n}`), except the consumer's read of all shard streams in
 //! one `XREADGROUP` (see [`consumer`]), which must be split per slot before
 //! the projector can run on Redis Cluster.
 //!
 //! Heartbeats take the cheapest path: one `ZADD GT` per shard and batch into
-//! the shard's seen set (`presence:seen:{n}`) and one `ZMSCORE` of the
-//! shard's bound set (`presence:bound:{n}`: the bound epoch of each online
+//! the shard's seen set (`presence:seen:{n}`) and one `HMGET` of the
+//! shard's bound hash (`presence:bound:{n}`: the bound epoch of each online
 //! device). Only heartbeats of devices that are not online, or of an epoch
 //! above the bound one, go on to their view (they may bring the device
 //! online, or bind it: a view that lost its binding gets it back). Readers

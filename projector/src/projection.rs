@@ -99,8 +99,8 @@ impl Projection {
     /// Applies decoded entries at `now_ms`.
     ///
     /// Three pipelined round trips: (1) the heartbeats into the shards' seen
-    /// sets (`ZADD GT`) with their devices' bound epochs (`ZMSCORE` of the
-    /// shard's bound set), and the seen scores of the devices with other
+    /// sets (`ZADD GT`) with their devices' bound epochs (`HMGET` of the
+    /// shard's bound hash), and the seen scores of the devices with other
     /// events; (2) the device function for every other event and for every
     /// heartbeat that may change more than `last_seen`; (3) the index
     /// follow-ups. A heartbeat of a device that is online at an epoch at
@@ -204,7 +204,7 @@ impl Projection {
                         woken(*b);
                     }
                 } else {
-                    pipe.cmd("ZMSCORE")
+                    pipe.cmd("HMGET")
                         .arg(s.keys.bound(*shard))
                         .arg(chunk.iter().map(|b| b.phy.as_str()).collect::<Vec<_>>());
                     asked.push(chunk);

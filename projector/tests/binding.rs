@@ -41,11 +41,7 @@ async fn raw(conn: &mut ConnectionManager, keys: &Keys, d: &str) -> HashMap<Stri
 }
 
 async fn bound(conn: &mut ConnectionManager, keys: &Keys, d: &str) -> Option<u64> {
-    let e: Option<f64> = conn
-        .zscore(keys.bound(shard_of(d, SHARDS)), d)
-        .await
-        .unwrap();
-    e.map(|e| e as u64)
+    conn.hget(keys.bound(shard_of(d, SHARDS)), d).await.unwrap()
 }
 
 /// Asserts that the view of `d` is bound to (epoch, its connection, server)
@@ -208,7 +204,7 @@ async fn rebuild_after_the_connected_entry_was_trimmed_binds_from_the_heartbeats
     .await;
     // Stale index entries of a device without a view go with the reset.
     let _: () = conn
-        .zadd(keys.bound(shard_of("dev-gone", SHARDS)), "dev-gone", 9)
+        .hset(keys.bound(shard_of("dev-gone", SHARDS)), "dev-gone", 9)
         .await
         .unwrap();
 

@@ -269,15 +269,15 @@ fn without_last_seen(v: &HashMap<String, String>) -> BTreeMap<String, String> {
     m
 }
 
-/// The union of the shards' bound sets: phy -> bound epoch.
+/// The union of the shards' bound hashes: phy -> bound epoch.
 async fn bound_epochs(conn: &mut ConnectionManager, p: &Projection) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for shard in p.settings().shard_range() {
-        let m: Vec<(String, u64)> = conn
-            .zrange_withscores(p.settings().keys.bound(shard), 0, -1)
+        let m: HashMap<String, String> = conn
+            .hgetall(p.settings().keys.bound(shard))
             .await
-            .expect("zrange");
-        out.extend(m.into_iter().map(|(d, e)| (d, e.to_string())));
+            .expect("hgetall");
+        out.extend(m);
     }
     out
 }

@@ -13,7 +13,7 @@
 //! event is read from INFO CPU, and the top Redis commands are printed.
 //!
 //! How heartbeats are applied (see `projector::projection`): per shard and
-//! batch, one `ZADD GT` into the seen set and one `ZMSCORE` of the bound set
+//! batch, one `ZADD GT` into the seen set and one `HMGET` of the bound hash
 //! (no function call); only heartbeats of devices not online at an epoch at
 //! least theirs take the device function (and one more round trip for
 //! their seen scores). The due evaluation folds the seen scores into the

@@ -13,10 +13,12 @@
 -- revision, so late, duplicate or reordered updates from several projectors
 -- never overwrite a newer state, and appends a lifecycle entry only when
 -- the online membership flips: exactly once in effect under redelivery.
--- The bound set follows the online index: while a device is online it holds
+-- The bound hash follows the online index: while a device is online it holds
 -- the bound epoch of its newest state (raised by a state of the same
 -- revision too: a takeover while online does not flip); the view's epoch
--- never goes back, so the stored one is never above the view's.
+-- never goes back, so the stored one is never above the view's. A hash, not
+-- a sorted set: the projector reads it for every heartbeat (HMGET hands
+-- back the stored digits; ZMSCORE would format a double for each).
 -- A flip to offline for heartbeat_expired is refused while the seen set
 -- holds a heartbeat within the timeout of `now`: that heartbeat reached the
 -- seen set after the evaluation read it (the evaluation would have found it
@@ -62,10 +64,10 @@ redis.register_function(FN .. 'index', function(keys, args)
           redis.call('HSET', keys[2], phy, rev)
           if on == '1' then
             if not member then redis.call('ZADD', keys[1], 0, phy) end
-            redis.call('ZADD', keys[7], epoch, phy)
+            redis.call('HSET', keys[7], phy, epoch)
           else
             if member then redis.call('ZREM', keys[1], phy) end
-            redis.call('ZREM', keys[7], phy)
+            redis.call('HDEL', keys[7], phy)
           end
           if flip then
             if not quiet then
@@ -77,7 +79,10 @@ redis.register_function(FN .. 'index', function(keys, args)
           end
         end
       elseif on == '1' and tonumber(rev) == tonumber(cur) and redis.call('ZSCORE', keys[1], phy) then
-        redis.call('ZADD', keys[7], 'GT', epoch, phy)
+        local held = redis.call('HGET', keys[7], phy)
+        if not held or tonumber(epoch) > tonumber(held) then
+          redis.call('HSET', keys[7], phy, epoch)
+        end
       end
       if due ~= '' then redis.call('ZADD', keys[4], 'LT', due, phy) end
       if known ~= '' then redis.call('ZADD', keys[5], 'GT', known, phy) end
@@ -96,7 +101,7 @@ redis.register_function(FN .. 'index', function(keys, args)
         redis.call('ZREM', keys[4], phy)
         redis.call('ZREM', keys[5], phy)
         redis.call('ZREM', keys[6], phy)
-        redis.call('ZREM', keys[7], phy)
+        redis.call('HDEL', keys[7], phy)
       end
     end
     if lease == '1' then redis.call('ZREM', keys[4], 'L:' .. phy) end
