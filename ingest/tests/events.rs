@@ -81,9 +81,18 @@ async fn every_event_kind_lands_in_its_shard_with_its_fields() {
     c.client.disconnect().await.unwrap();
     c.ended(Duration::from_secs(5)).await;
 
-    let events = wait_events(&conn, &ingest.keys, &id, "disconnected", |ev| {
-        ev.iter().any(|e| e.kind == EventKind::Disconnected)
-    })
+    // Heartbeats travel in entries of their own, perhaps on another stream:
+    // wait for one too.
+    let events = wait_events(
+        &conn,
+        &ingest.keys,
+        &id,
+        "disconnected and a heartbeat",
+        |ev| {
+            ev.iter().any(|e| e.kind == EventKind::Disconnected)
+                && ev.iter().any(|e| e.kind == EventKind::Heartbeat)
+        },
+    )
     .await;
     let t1 = iot_core::time::now_ms();
     let first = &events[0];
@@ -235,6 +244,7 @@ async fn mosquitto_clients_publish_and_subscribe() {
         |ev| {
             ev.iter()
                 .any(|e| matches!(e.kind.name(), "disconnected" | "tcp_down"))
+                && ev.iter().any(|e| e.kind == EventKind::Heartbeat)
         },
     )
     .await;

@@ -199,7 +199,9 @@ pub async fn entries(redis: &mut redis::aio::MultiplexedConnection, keys: &Keys)
 
 /// Every event (heartbeat batches expanded) of `phy`, checking that each
 /// came from the device's own shard, except heartbeats (a flush's
-/// heartbeats travel together, on any shard).
+/// heartbeats travel together, on any shard). Streams have no order between
+/// them, so the events come in time order; at the same millisecond a
+/// `connected` comes first and a connection's end last.
 pub async fn events_of(
     redis: &mut redis::aio::MultiplexedConnection,
     keys: &Keys,
@@ -219,6 +221,14 @@ pub async fn events_of(
             }
         }
     }
+    out.sort_by_key(|e| {
+        let rank = match e.kind {
+            EventKind::Connected { .. } => 0,
+            EventKind::TcpDown { .. } | EventKind::Disconnected => 2,
+            _ => 1,
+        };
+        (e.ts_ms, rank)
+    });
     out
 }
 
