@@ -250,7 +250,8 @@ pub struct DownlinkConfig {
     /// Default `10s`. Env `IOT_DOWNLINK_ACK_TIMEOUT`.
     #[serde(with = "duration")]
     pub ack_timeout: Duration,
-    /// Commands waiting per offline device. Default 100. Env `IOT_DOWNLINK_QUEUE_MAX`.
+    /// Commands waiting per device: in its offline queue, and on its
+    /// connection behind the inflight limit. Default 100. Env `IOT_DOWNLINK_QUEUE_MAX`.
     pub queue_max: u32,
     /// Default time-to-live of a command. Default `1h`. Env `IOT_DOWNLINK_QUEUE_TTL`.
     #[serde(with = "duration")]
