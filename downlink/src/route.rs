@@ -82,11 +82,45 @@ fn dispatch_of(cmd: &Command, epoch: u64, hops: u8) -> Control {
 
 /// Creates a command and routes it. Returns the record as it stands after
 /// routing (dispatched, queued or failed).
+///
+/// The work runs in a task of its own: a caller that stops waiting (a
+/// request deadline, a client that hung up) does not cut it short, so a
+/// command is not left half-routed. Even so, every step is written so that
+/// stopping between any two leaves nothing unwatched: the sweeper deadline
+/// comes before the record, and the sweeper finishes what a submit left
+/// undone (see the [`crate::store`] module doc).
+///
+/// An error before the record exists is returned (no command was made).
+/// Once it exists the command is the caller's to follow: an error after
+/// that (publishing, queueing) is logged and the record returned as it
+/// stands; the sweeper completes its routing at its deadline.
 pub async fn submit(store: &CommandStore, new: NewCommand) -> redis::RedisResult<Command> {
+    let store = store.clone();
+    match tokio::spawn(async move { submit_in_task(&store, new).await }).await {
+        Ok(routed) => routed,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "the command submission was cancelled (the runtime is shutting down)",
+        ))),
+    }
+}
+
+/// [`submit`] in the caller's task. Dropping it half-way is safe too (the
+/// sweeper finishes the routing of a command whose record was written), but
+/// the command then waits for the sweeper: prefer [`submit`].
+pub async fn submit_in_task(store: &CommandStore, new: NewCommand) -> redis::RedisResult<Command> {
     let now = iot_core::time::now_ms();
     let id = Uuid::now_v7();
+    let expires_at_ms = store.expires_at(&new, now);
     match locate(store, &new.phy_id).await? {
         Location::Connected(owner) => {
+            store
+                .set_deadline(
+                    &id,
+                    now + crate::metrics::ms(store.settings().stuck_after()),
+                )
+                .await?;
             let cmd = store
                 .create(
                     id,
@@ -97,46 +131,68 @@ pub async fn submit(store: &CommandStore, new: NewCommand) -> redis::RedisResult
                     now,
                 )
                 .await?;
+            let routed = async {
+                let receivers =
+                    publish(store, &owner.server_id, &dispatch_of(&cmd, owner.epoch, 0)).await?;
+                if receivers > 0 {
+                    return Ok(cmd.clone());
+                }
+                // Nobody listens on the owner's channel: it is gone.
+                offline(store, cmd.clone(), now).await
+            };
+            Ok(settled(routed.await, cmd))
+        }
+        Location::Offline if new.queue_if_offline => {
             store
-                .set_deadline(
-                    &id,
-                    now + crate::metrics::ms(store.settings().stuck_after()),
-                )
+                .set_deadline(&id, store.settings().check_at(expires_at_ms, now))
                 .await?;
-            let receivers =
-                publish(store, &owner.server_id, &dispatch_of(&cmd, owner.epoch, 0)).await?;
-            if receivers > 0 {
-                return Ok(cmd);
-            }
-            // Nobody listens on the owner's channel: it is gone.
-            offline(store, cmd, now).await
+            let cmd = store
+                .create(id, &new, Status::Queued, None, None, now)
+                .await?;
+            Ok(settled(enqueue(store, cmd.clone(), now).await, cmd))
         }
         Location::Offline => {
-            if new.queue_if_offline {
-                let cmd = store
-                    .create(id, &new, Status::Queued, None, None, now)
-                    .await?;
-                queue(store, cmd, now).await
-            } else {
-                store
-                    .create(
-                        id,
-                        &new,
-                        Status::Failed,
-                        Some(FailReason::Offline.as_str()),
-                        None,
-                        now,
-                    )
-                    .await
-            }
+            store
+                .create(
+                    id,
+                    &new,
+                    Status::Failed,
+                    Some(FailReason::Offline.as_str()),
+                    None,
+                    now,
+                )
+                .await
+        }
+    }
+}
+
+/// The routing of a command that exists: its outcome, or on an error the
+/// command as created (logged; the sweeper completes the routing at the
+/// command's deadline).
+fn settled(routed: redis::RedisResult<Command>, created: Command) -> Command {
+    match routed {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            tracing::warn!(command_id = %created.id, phy_id = %created.phy_id, status = %created.status, error = %e,
+                "command created but not routed; the sweeper will route it");
+            created
         }
     }
 }
 
 /// Puts a (queued) command into its device's queue, or fails it when the
 /// queue is full; then nudges the owner in case the device connected
-/// meanwhile.
-async fn queue(store: &CommandStore, mut cmd: Command, now: i64) -> redis::RedisResult<Command> {
+/// meanwhile. Its sweeper deadline is set first (to check that it got
+/// there, see [`crate::store::Settings::check_at`]).
+async fn queue(store: &CommandStore, cmd: Command, now: i64) -> redis::RedisResult<Command> {
+    store
+        .set_deadline(&cmd.id, store.settings().check_at(cmd.expires_at_ms, now))
+        .await?;
+    enqueue(store, cmd, now).await
+}
+
+/// [`queue`] without the deadline (the caller has set it).
+async fn enqueue(store: &CommandStore, mut cmd: Command, now: i64) -> redis::RedisResult<Command> {
     if !store
         .enqueue(&cmd.phy_id, &cmd.id, cmd.expires_at_ms, now)
         .await?
@@ -147,18 +203,23 @@ async fn queue(store: &CommandStore, mut cmd: Command, now: i64) -> redis::Redis
         cmd.reason = Some(FailReason::QueueFull.as_str().to_owned());
         return Ok(cmd);
     }
-    store.set_deadline(&cmd.id, cmd.expires_at_ms).await?;
-    if let Location::Connected(owner) = locate(store, &cmd.phy_id).await? {
+    nudge(store, &cmd.phy_id).await?;
+    Ok(cmd)
+}
+
+/// Tells the device's owner, if it is connected, to drain its queue.
+pub async fn nudge(store: &CommandStore, phy: &PhyId) -> redis::RedisResult<()> {
+    if let Location::Connected(owner) = locate(store, phy).await? {
         publish(
             store,
             &owner.server_id,
             &Control::DrainQueue {
-                phy_id: cmd.phy_id.clone(),
+                phy_id: phy.clone(),
             },
         )
         .await?;
     }
-    Ok(cmd)
+    Ok(())
 }
 
 /// The device is not reachable where the command went: queue the command
@@ -317,10 +378,13 @@ pub async fn requeue(
             back.push((id, expires_at_ms));
         }
     }
-    store.requeue_front(phy, &back, now).await?;
+    // Deadlines first: a drain may take them the moment they are back.
     for (id, expires_at_ms) in &back {
-        store.set_deadline(id, *expires_at_ms).await?;
+        store
+            .set_deadline(id, store.settings().check_at(*expires_at_ms, now))
+            .await?;
     }
+    store.requeue_front(phy, &back, now).await?;
     Ok(back.into_iter().map(|(id, _)| id).collect())
 }
 
@@ -336,9 +400,11 @@ fn with_by(t: Transition, by: Option<(&str, u64)>) -> Transition {
 /// delivered after a matching SUBSCRIBE; a full queue fails it
 /// (`queue_full`). `by` is the reporting connection (see
 /// [`Transition::by`]). `decide_at` is when the sweeper looks at it: its
-/// expiry for a command that may wait, the end of the subscription grace
-/// for one that may not (the sweeper then fails it with `no_subscription`
-/// if it is still in the queue). Returns the command's status afterwards,
+/// expiry for a command that may wait (the sweeper first checks, at
+/// [`Settings::check_at`](crate::store::Settings::check_at), that it is in
+/// the queue), the end of the subscription grace for one that may not (the
+/// sweeper then fails it with `no_subscription` if it is still in the
+/// queue). Returns the command's status afterwards,
 /// or `None` when it was not dispatched, sent or queued any more (left
 /// alone).
 ///
@@ -365,11 +431,13 @@ pub async fn park(
     if store.transition(id, &with_by(t, by), now).await?.is_none() {
         return Ok(None);
     }
+    // The deadline first: a drain may take it the moment it is queued.
+    let check = store.settings().check_at(expires_at_ms, now);
+    store.set_deadline(id, decide_at.min(check)).await?;
     if !store.enqueue(phy, id, expires_at_ms, now).await? {
         let t = Transition::to(Status::Failed).reason(FailReason::QueueFull.as_str());
         store.transition(id, &t, now).await?;
         return Ok(Some(Status::Failed));
     }
-    store.set_deadline(id, decide_at.min(expires_at_ms)).await?;
     Ok(Some(Status::Queued))
 }

@@ -24,6 +24,34 @@
 //! Expiries that cover several commands (a device's offline queue and its
 //! command history) only ever grow: a short-lived command never shortens
 //! the life of a longer-lived one queued or listed before it.
+//!
+//! # Deadlines: nothing open is left unwatched
+//!
+//! The sweeper only finds commands through `commands:deadline`, a key of
+//! its own (its hash slot differs from a command's and a queue's, so no
+//! script can write a deadline together with them on Redis Cluster).
+//! Instead, every step writes the deadline *before* the step that needs it,
+//! so that a process that dies (or a future that is dropped) between two
+//! steps leaves a deadline behind, never a command without one:
+//!
+//! - a new dispatched or queued command gets its deadline before its record
+//!   is written (the sweeper waits [`CREATE_GRACE`] for the record of a
+//!   deadline without one, then forgets the deadline);
+//! - a command gets its deadline ([`Settings::check_at`]) before its id is
+//!   put into a device's queue (enqueue, park, requeue), and the sweeper
+//!   then checks that it is there;
+//! - a drain pushes the deadline of the ids it is about to take to
+//!   [`Settings::check_at`] before it takes them out of the queue
+//!   ([`CommandStore::take_queued`]); a connection that holds them for long
+//!   (the inflight limit) pushes it again while it lives. If the drain's
+//!   instance dies before the commands are `sent`, the sweeper finds them
+//!   `queued` but in no queue, and puts them back (see
+//!   [`crate::sweeper`]).
+//!
+//! The sweeper itself only moves a deadline it has leased if nobody else
+//! has set one since ([`CommandStore::reschedule`]): a drain's deadline is
+//! never overwritten by a sweeper that looked at the command a moment
+//! before the drain took it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -86,7 +114,24 @@ impl Settings {
     pub fn stuck_after(&self) -> Duration {
         self.ack_timeout * 2 + Duration::from_secs(2)
     }
+
+    /// When the sweeper checks on a command that is about to enter a
+    /// device's queue, or to leave it for delivery: [`stuck_after`]
+    /// from `now` (it should be in the queue, or `sent`, by then), or its
+    /// expiry if that comes first.
+    ///
+    /// [`stuck_after`]: Self::stuck_after
+    pub fn check_at(&self, expires_at_ms: i64, now: i64) -> i64 {
+        expires_at_ms.min(now.saturating_add(ms(self.stuck_after())))
+    }
 }
+
+/// How long the sweeper keeps a deadline whose command record does not
+/// exist (yet): its submit writes the deadline first and the record a
+/// moment later. Past this age (from the id, a UUID v7) the deadline is
+/// forgotten: the submit stopped before it wrote the record, or the record
+/// expired.
+pub const CREATE_GRACE: Duration = Duration::from_secs(60);
 
 /// Commands in each non-terminal state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -245,6 +290,9 @@ pub struct CommandStore {
     lease: Script,
     enqueue: Script,
     requeue: Script,
+    take: Script,
+    restore: Script,
+    reschedule: Script,
 }
 
 impl std::fmt::Debug for CommandStore {
@@ -289,6 +337,9 @@ impl CommandStore {
             lease: Script::new(include_str!("lua/lease.lua")),
             enqueue: Script::new(include_str!("lua/enqueue.lua")),
             requeue: Script::new(include_str!("lua/requeue.lua")),
+            take: Script::new(include_str!("lua/take.lua")),
+            restore: Script::new(include_str!("lua/restore.lua")),
+            reschedule: Script::new(include_str!("lua/reschedule.lua")),
         }
     }
 
@@ -311,7 +362,17 @@ impl CommandStore {
         (expires_at_ms - now).max(0) + ms(self.settings.retention)
     }
 
+    /// When a command created at `now` expires.
+    pub fn expires_at(&self, new: &NewCommand, now: i64) -> i64 {
+        now.saturating_add(ms(new.ttl.unwrap_or(self.settings.default_ttl)))
+    }
+
     /// Writes a new record with its first status and returns it.
+    ///
+    /// Two steps: the record with its log (atomic), then the device's
+    /// history, `stream:commands` and the open counts. An error in the
+    /// second step is logged, not returned: the record exists, and its
+    /// caller must learn its id (see the module doc for that gap).
     pub async fn create(
         &self,
         id: Uuid,
@@ -321,8 +382,7 @@ impl CommandStore {
         placement: Option<(&str, u64)>,
         now: i64,
     ) -> redis::RedisResult<Command> {
-        let ttl = new.ttl.unwrap_or(self.settings.default_ttl);
-        let expires_at_ms = now.saturating_add(ms(ttl));
+        let expires_at_ms = self.expires_at(new, now);
         let record = self.keys.command(&id);
         let log = self.keys.command_log(&id);
         let keep = self.record_ttl_ms(expires_at_ms, now);
@@ -423,7 +483,10 @@ impl CommandStore {
             &created,
         );
         self.count_open(&mut pipe, None, status);
-        pipe.query_async::<()>(&mut self.redis.get()).await?;
+        if let Err(e) = pipe.query_async::<()>(&mut self.redis.get()).await {
+            tracing::warn!(command_id = %id, phy_id = %new.phy_id, error = %e,
+                "command created, but its device history, change stream entry and open count were not written");
+        }
         if status.is_terminal() {
             crate::metrics::terminal(status, None);
         }
@@ -751,18 +814,80 @@ impl CommandStore {
 
     /// Takes up to `n` ids from the head of the device's queue and returns
     /// their records (ids whose record is gone are dropped).
+    ///
+    /// Their sweeper deadlines move to [`Settings::check_at`] *before* they
+    /// leave the queue: until they are `sent` their status stays `queued`,
+    /// and if the taker dies with them (SIGKILL, a Redis error or timeout
+    /// half-way) the sweeper finds them `queued` in no queue and puts them
+    /// back. Three steps: peek the head, push the deadlines, take exactly
+    /// the peeked ids that are still there (a concurrent drain may have
+    /// taken some; an id put in front meanwhile stays for the next drain).
     pub async fn take_queued(&self, phy: &PhyId, n: usize) -> redis::RedisResult<Vec<Command>> {
-        let ids: Option<Vec<String>> = redis::cmd("LPOP")
-            .arg(self.keys.downlink_queue(phy))
-            .arg(n.max(1))
+        let queue = self.keys.downlink_queue(phy);
+        let peeked: Vec<String> = redis::cmd("LRANGE")
+            .arg(&queue)
+            .arg(0)
+            .arg(n.max(1) - 1)
             .query_async(&mut self.redis.get())
             .await?;
-        let ids: Vec<Uuid> = ids
-            .unwrap_or_default()
+        let mut ids: Vec<String> = Vec::with_capacity(peeked.len());
+        for id in peeked {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = iot_core::time::now_ms();
+        let look = now.saturating_add(ms(self.settings.stuck_after()));
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.keys.command_deadlines());
+        for id in &ids {
+            zadd.arg(look).arg(id);
+        }
+        zadd.query_async::<()>(&mut self.redis.get()).await?;
+        let mut take = self.take.prepare_invoke();
+        take.key(&queue);
+        for id in &ids {
+            take.arg(id);
+        }
+        let taken: Vec<String> = take.invoke_async(&mut self.redis.get()).await?;
+        let taken: Vec<Uuid> = taken
             .iter()
             .filter_map(|s| Uuid::parse_str(s).ok())
             .collect();
-        self.get_many(&ids).await
+        self.get_many(&taken).await
+    }
+
+    /// Whether `id` is in the device's queue.
+    pub async fn in_queue(&self, phy: &PhyId, id: &Uuid) -> redis::RedisResult<bool> {
+        let at: Option<i64> = redis::cmd("LPOS")
+            .arg(self.keys.downlink_queue(phy))
+            .arg(id.to_string())
+            .query_async(&mut self.redis.get())
+            .await?;
+        Ok(at.is_some())
+    }
+
+    /// Puts `id` back into the device's queue, in creation order among the
+    /// ids there, unless it is there already (the queue cap is not
+    /// applied: it was accepted before). Returns whether it was put back.
+    pub async fn restore(
+        &self,
+        phy: &PhyId,
+        id: &Uuid,
+        expires_at_ms: i64,
+        now: i64,
+    ) -> redis::RedisResult<bool> {
+        let added: i64 = self
+            .restore
+            .key(self.keys.downlink_queue(phy))
+            .arg(id.to_string())
+            .arg(self.record_ttl_ms(expires_at_ms, now))
+            .invoke_async(&mut self.redis.get())
+            .await?;
+        Ok(added == 1)
     }
 
     /// Removes `id` from the device's queue (when it expired there);
@@ -795,7 +920,11 @@ impl CommandStore {
             .await
     }
 
-    /// Leases up to `n` due ids (their deadline moves to `lease_until`).
+    /// Leases up to `n` due ids: their deadline moves to `lease_until`
+    /// (plus half a millisecond: every other writer writes whole ms, so a
+    /// lease's score is one nobody else writes; see [`reschedule`]).
+    ///
+    /// [`reschedule`]: Self::reschedule
     pub async fn lease_due(
         &self,
         now: i64,
@@ -807,10 +936,42 @@ impl CommandStore {
             .key(self.keys.command_deadlines())
             .arg(now)
             .arg(n)
-            .arg(lease_until)
+            .arg(lease_score(lease_until))
             .invoke_async(&mut self.redis.get())
             .await?;
         Ok(ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect())
+    }
+
+    /// Moves the deadline of `id`, leased by [`lease_due`] until
+    /// `lease_until`, to `at_ms`, unless someone has set or removed its
+    /// deadline since the lease (theirs is newer knowledge). Returns
+    /// whether it moved.
+    ///
+    /// [`lease_due`]: Self::lease_due
+    pub async fn reschedule(
+        &self,
+        id: &Uuid,
+        lease_until: i64,
+        at_ms: i64,
+    ) -> redis::RedisResult<bool> {
+        let moved: i64 = self
+            .reschedule
+            .key(self.keys.command_deadlines())
+            .arg(id.to_string())
+            .arg(lease_score(lease_until))
+            .arg(at_ms)
+            .invoke_async(&mut self.redis.get())
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// When the sweeper looks at `id` next, if it has a deadline.
+    pub async fn deadline(&self, id: &Uuid) -> redis::RedisResult<Option<f64>> {
+        redis::cmd("ZSCORE")
+            .arg(self.keys.command_deadlines())
+            .arg(id.to_string())
+            .query_async(&mut self.redis.get())
+            .await
     }
 
     /// Forgets a deadline.
@@ -821,6 +982,12 @@ impl CommandStore {
             .query_async(&mut self.redis.get())
             .await
     }
+}
+
+/// The score of a lease until `lease_until` ms (see
+/// [`CommandStore::lease_due`]).
+fn lease_score(lease_until: i64) -> String {
+    format!("{lease_until}.5")
 }
 
 #[cfg(test)]

@@ -755,3 +755,273 @@ async fn a_command_is_forwarded_once_even_by_two_forwarders_at_once() {
     assert_eq!(after.status, Status::Failed);
     assert_eq!(after.reason.as_deref(), Some("offline"));
 }
+
+/// Every command record in Redis (`command:{id}`), by scanning: a submit
+/// dropped half-way may not have written the device's history yet.
+async fn all_records(store: &CommandStore) -> Vec<iot_downlink::Command> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("command:{*}")
+        .query_async(&mut store.redis().get())
+        .await
+        .expect("KEYS");
+    let ids: Vec<uuid::Uuid> = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix("command:{")?.strip_suffix('}'))
+        .filter_map(|s| uuid::Uuid::parse_str(s).ok())
+        .collect();
+    store.get_many(&ids).await.expect("records")
+}
+
+/// Sweeps at `at` until nothing more is due then.
+async fn sweep_all(store: &CommandStore, at: i64) {
+    while sweeper::sweep_once(store, at).await.expect("sweep") > 0 {}
+}
+
+#[tokio::test]
+async fn a_submit_dropped_at_any_point_leaves_every_command_to_the_sweeper() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    // One device online (its owner listens), one offline with a queue.
+    connect(&store, "d-on", "srv-live", 1).await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-live").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    let ttl = Some(Duration::from_secs(30));
+    let mut dropped = 0;
+    for i in 0..60u64 {
+        for p in ["d-on", "d-off"] {
+            // The submit's steps, in the caller's task, cut after a growing
+            // time: before, between and after each of them.
+            let limit = Duration::from_micros(i * 40);
+            let submit = route::submit_in_task(&store, new(p, true, ttl));
+            if tokio::time::timeout(limit, submit).await.is_err() {
+                dropped += 1;
+            }
+        }
+    }
+    assert!(dropped > 0, "no submit was cut short");
+
+    let now = iot_core::time::now_ms();
+    let records = all_records(&store).await;
+    assert!(!records.is_empty());
+    // Once a record exists, the sweeper watches it.
+    for c in &records {
+        let deadline = store.deadline(&c.id).await.expect("ZSCORE");
+        assert!(
+            c.status.is_terminal() || deadline.is_some(),
+            "{c:?} has no deadline"
+        );
+    }
+    // When the sweeper looks (stuck_after: 2 x 200 ms + 2 s), every open
+    // command is where it can be delivered: in its device's queue, or
+    // dispatched (again) to the owner.
+    let look = now + 2_400 + 100;
+    sweep_all(&store, look).await;
+    for c in all_records(&store).await {
+        match c.status {
+            Status::Queued => assert!(
+                store.in_queue(&c.phy_id, &c.id).await.expect("LPOS"),
+                "{c:?} queued in no queue"
+            ),
+            Status::Dispatched => assert_eq!(c.server_id.as_deref(), Some("srv-live")),
+            // Failed only for a full queue (3 places).
+            Status::Failed => assert_eq!(c.reason.as_deref(), Some("queue_full"), "{c:?}"),
+            other => panic!("unexpected {other} for {c:?}"),
+        }
+        assert!(store.deadline(&c.id).await.expect("ZSCORE").is_some() || c.status.is_terminal());
+    }
+    // Nobody answers: past their ttl every one ends, and no deadline is
+    // left behind (not even one whose record was never written).
+    let end = now + 31_000 + iot_core::config::millis(iot_downlink::store::CREATE_GRACE);
+    sweep_all(&store, end).await;
+    for c in all_records(&store).await {
+        assert!(c.status.is_terminal(), "{c:?} still open");
+    }
+    let left: u64 = redis::cmd("ZCARD")
+        .arg(store.keys().command_deadlines())
+        .query_async(&mut store.redis().get())
+        .await
+        .expect("ZCARD");
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn a_submit_whose_publish_fails_returns_the_command_and_the_sweeper_sends_it() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    connect(&store, "d-np", "srv-np", 2).await;
+    // A client that may do everything but PUBLISH.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nopub")
+        .arg("on")
+        .arg("nopass")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-publish")
+        .query_async(&mut store.redis().get())
+        .await
+        .expect("ACL");
+    let cfg = iot_core::config::RedisConfig {
+        url: redis.url().replace("redis://", "redis://nopub:@"),
+        min_idle_conns: 1,
+        ..Default::default()
+    };
+    let nopub = CommandStore::new(
+        RedisPool::connect(&cfg).await.expect("redis"),
+        Keys::default(),
+        settings(),
+    );
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new("srv-np").expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    let cmd = route::submit(&nopub, new("d-np", false, None))
+        .await
+        .expect("the command exists: no error");
+    assert_eq!(cmd.status, Status::Dispatched);
+    assert!(store.deadline(&cmd.id).await.expect("ZSCORE").is_some());
+    // The sweeper (with a client that may publish) dispatches it again.
+    sweep_all(&store, iot_core::time::now_ms() + 2_500).await;
+    match next_control(&mut pubsub).await {
+        Control::Command(d) => assert_eq!((d.id, d.epoch), (cmd.id, 2)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn queued_commands_taken_by_a_drain_that_died_go_back_in_order() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let p = phy("d-dr");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let c = route::submit(&store, new("d-dr", true, None))
+            .await
+            .expect("submit");
+        assert_eq!(c.status, Status::Queued);
+        ids.push(c.id);
+    }
+    let now = iot_core::time::now_ms();
+    // The sweeper's first look: they are in the queue; the next is at
+    // their expiry.
+    sweep_all(&store, now + 2_500).await;
+    for id in &ids {
+        let c = store.get(id).await.expect("get").expect("record");
+        assert_eq!(
+            store.deadline(id).await.expect("ZSCORE"),
+            Some(c.expires_at_ms as f64)
+        );
+    }
+    // A drain takes them (as the ingest's reporter does) and its instance
+    // dies before any is sent; a newer one comes first in the queue.
+    let taken = store.take_queued(&p, 2).await.expect("take");
+    assert_eq!(taken.iter().map(|c| c.id).collect::<Vec<_>>(), ids[..2]);
+    let newer = route::submit(&store, new("d-dr", true, None))
+        .await
+        .expect("submit");
+    assert_eq!(store.queue_len(&p).await.expect("len"), 2);
+    // Their deadlines moved before they left the queue: the sweeper will
+    // look long before their expiry, not at it.
+    let taken_at = iot_core::time::now_ms();
+    for id in &ids[..2] {
+        let at = store.deadline(id).await.expect("ZSCORE").expect("deadline");
+        assert!(at <= (taken_at + 2_400) as f64, "{at}");
+    }
+    // Not yet: a drain that is alive has that long to send them.
+    sweep_all(&store, taken_at).await;
+    assert_eq!(store.queue_len(&p).await.expect("len"), 2);
+
+    // The device is back, on srv-new: the sweeper puts them back, oldest
+    // first, and tells srv-new to drain the queue.
+    connect(&store, "d-dr", "srv-new", 5).await;
+    let mut pubsub = client_pubsub(&redis, &store, "srv-new").await;
+    sweep_all(&store, taken_at + 2_500).await;
+    match next_control(&mut pubsub).await {
+        Control::DrainQueue { phy_id } => assert_eq!(phy_id, p),
+        other => panic!("unexpected {other:?}"),
+    }
+    let again = store.take_queued(&p, 10).await.expect("take");
+    assert_eq!(
+        again.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [ids[0], ids[1], ids[2], newer.id]
+    );
+    for c in &again[..2] {
+        assert_eq!(c.status, Status::Queued);
+        assert_eq!(c.reason.as_deref(), Some(sweeper::REQUEUED));
+    }
+    // Delivered this time: a late put-back changes nothing.
+    for c in &again {
+        let t = Transition::to(Status::Sent).from(&[Status::Queued]);
+        store.transition(&c.id, &t, taken_at).await.expect("sent");
+    }
+    sweep_all(&store, taken_at + 5_000).await;
+    assert_eq!(store.queue_len(&p).await.expect("len"), 0);
+}
+
+#[tokio::test]
+async fn a_drain_right_after_the_sweeper_leased_the_command_keeps_its_deadline() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let p = phy("d-race");
+    let c = route::submit(&store, new("d-race", true, None))
+        .await
+        .expect("submit");
+    let now = iot_core::time::now_ms();
+    // The sweeper leases it (its first look)...
+    let lease = now + 10_000;
+    let leased = store
+        .lease_due(now + 2_500, 10, lease)
+        .await
+        .expect("lease");
+    assert_eq!(leased, [c.id]);
+    // ...a drain takes it meanwhile...
+    let taken = store.take_queued(&p, 10).await.expect("take");
+    assert_eq!(taken.len(), 1);
+    let drained = store
+        .deadline(&c.id)
+        .await
+        .expect("ZSCORE")
+        .expect("deadline");
+    // ...and the sweeper's move to the command's expiry does not apply.
+    assert!(
+        !store
+            .reschedule(&c.id, lease, c.expires_at_ms)
+            .await
+            .expect("reschedule")
+    );
+    assert_eq!(store.deadline(&c.id).await.expect("ZSCORE"), Some(drained));
+    assert!(drained < c.expires_at_ms as f64);
+}
+
+async fn client_pubsub(
+    redis: &RedisServer,
+    store: &CommandStore,
+    server: &str,
+) -> redis::aio::PubSub {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(
+            store
+                .keys()
+                .downlink_channel(&ServerId::new(server).expect("id")),
+        )
+        .await
+        .expect("subscribe");
+    pubsub
+}

@@ -207,9 +207,10 @@ impl Inflight {
 #[derive(Debug)]
 struct Waiting {
     d: Delivery,
-    /// Since when (or the last report of) its wait: a dispatched command
-    /// that waits long is reported again, so that the sweeper does not take
-    /// it for stuck.
+    /// Since when (or the last report of) its wait: a command that waits
+    /// long is reported again, so that the sweeper does not take it for
+    /// stuck (dispatched) or lost (taken from the queue, still `queued`
+    /// until it is sent: the report pushes its sweeper deadline on).
     since: Instant,
 }
 
@@ -498,7 +499,7 @@ impl Downlinks {
             });
         }
         for w in &mut self.waiting {
-            if !w.d.from_queue && step.now >= w.since + ack_timeout {
+            if step.now >= w.since + ack_timeout {
                 w.since = step.now;
                 step.out.push(Effect::Report(Report::Waiting {
                     id: w.d.id,
@@ -512,11 +513,7 @@ impl Downlinks {
     /// When [`tick`](Self::tick) must run next, if anything is held.
     pub fn next_deadline(&self, ack_timeout: Duration) -> Option<Instant> {
         let inflight = self.inflight.iter().map(|f| f.deadline(ack_timeout));
-        let waiting = self
-            .waiting
-            .iter()
-            .filter(|w| !w.d.from_queue)
-            .map(|w| w.since + ack_timeout);
+        let waiting = self.waiting.iter().map(|w| w.since + ack_timeout);
         let subscribing = self.subscribing.iter().map(|s| s.until);
         inflight.chain(waiting).chain(subscribing).min()
     }
@@ -1090,6 +1087,39 @@ mod tests {
             reports(&fx)[..],
             [Report::Park { fail_at_ms: Some(at), .. }] if at == d.now_ms + 50
         ));
+    }
+
+    #[test]
+    fn commands_from_the_queue_held_back_long_are_reported_as_alive() {
+        // Taken from the queue, still `queued` until sent: a long wait is
+        // reported (it pushes the sweeper deadline on, so the sweeper does
+        // not take them for lost by a dead drain), but not on arrival.
+        let mut d = Driver::new(1);
+        let mut dl = Downlinks::default();
+        let queued = |n| Delivery {
+            from_queue: true,
+            queue_if_offline: true,
+            ..delivery(n, "c")
+        };
+        let fx = d.run(|s| dl.offer([queued(1), queued(2)], &yes, s));
+        assert!(
+            !reports(&fx)
+                .iter()
+                .any(|r| matches!(r, Report::Waiting { .. }))
+        );
+        assert_eq!(dl.waiting(), 1);
+        d.advance(ACK / 2);
+        d.run(|s| dl.tick(s));
+        assert_eq!(dl.next_deadline(ACK), Some(d.start + ACK));
+        d.advance(ACK / 2);
+        let fx = d.run(|s| dl.tick(s));
+        assert!(
+            reports(&fx).contains(&Report::Waiting {
+                id: Uuid::from_u128(2),
+                at_ms: d.now_ms
+            }),
+            "{fx:?}"
+        );
     }
 
     #[test]

@@ -97,8 +97,10 @@ pub enum Report {
         /// first; a drain that took it first wins).
         only_queued: bool,
     },
-    /// Dispatched here and waiting for a place under the inflight limit:
+    /// Waiting here for a place under the inflight limit. Dispatched:
     /// noted in its log (which also tells the sweeper it is not stuck).
+    /// Taken from the queue (still `queued`): its sweeper deadline moves
+    /// on, so that the sweeper does not take it for lost by a dead drain.
     Waiting {
         /// Command id.
         id: Uuid,
@@ -501,11 +503,16 @@ async fn apply(shared: &Shared, job: &Job) -> redis::RedisResult<()> {
                 .from(&[Status::Dispatched])
                 .reason("inflight_limit")
                 .detail(format!("{} epoch {}", shared.server_id, job.epoch));
-            refused(
-                store.transition_checked(id, &mine(t), *at_ms).await?,
-                id,
-                op,
-            );
+            match store.transition_checked(id, &mine(t), *at_ms).await? {
+                // Not dispatched: taken from the queue and held here, still
+                // `queued` until it is sent. Alive, not lost: the sweeper
+                // looks again later (see `iot_downlink::store`).
+                Outcome::Refused(Refusal::NotAllowed) => {
+                    let stuck = iot_downlink::metrics::ms(store.settings().stuck_after());
+                    store.set_deadline(id, at_ms.saturating_add(stuck)).await?;
+                }
+                outcome => refused(outcome, id, op),
+            }
         }
         Report::Park {
             id,
@@ -582,7 +589,10 @@ async fn nudge(shared: &Shared, phy: &PhyId, epoch: u64) -> redis::RedisResult<(
 
 /// Takes the device's queued commands (expiring the expired ones) and posts
 /// them, in order, to its connection here; if that connection is gone,
-/// they go back to the head of the queue.
+/// they go back to the head of the queue. They stay `queued` until they
+/// are sent; if this instance dies before that, the sweeper finds them in
+/// no queue and puts them back ([`CommandStore::take_queued`] pushes their
+/// sweeper deadlines before it takes them).
 async fn drain(shared: &Shared, phy: &PhyId, epoch: u64) -> redis::RedisResult<()> {
     let store = &shared.store;
     let taken = store.take_queued(phy, shared.drain_max).await?;

@@ -651,15 +651,83 @@ async fn graceful_shutdown_puts_commands_back_in_the_queue_or_fails_them() {
     assert_eq!(store.queue_len(&phy_id(&id)).await.unwrap(), 1);
     let (failed, _) = wait_status(&store, drop.id, Status::Failed, WAIT).await;
     assert_eq!(failed.reason.as_deref(), Some("device_gone"));
-    // The queued one keeps its deadline: the sweeper will decide it.
-    let mut conn = common::redis_conn(&redis.url()).await;
-    let deadline: Option<f64> = redis::cmd("ZSCORE")
-        .arg(store.keys().command_deadlines())
-        .arg(keep.id.to_string())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(deadline, Some(kept.expires_at_ms as f64));
+    // The queued one keeps a deadline: the sweeper will decide it (it
+    // first checks that it is in the queue, then waits for its expiry).
+    let deadline = store.deadline(&keep.id).await.unwrap().expect("deadline");
+    let check = store
+        .settings()
+        .check_at(kept.expires_at_ms, kept.updated_at_ms);
+    assert_eq!(deadline, check as f64);
+    let now = iot_core::time::now_ms();
+    while sweeper::sweep_once(&store, check.max(now)).await.unwrap() > 0 {}
+    assert_eq!(
+        store.deadline(&keep.id).await.unwrap(),
+        Some(kept.expires_at_ms as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_commands_lost_by_a_dead_drain_are_delivered_after_reconnecting() {
+    let redis = RedisServer::start();
+    let ingest = Ingest::start(&redis.url(), "ld-srv", |c| {
+        c.downlink.ack_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // The sweeper's view of "lost": 2 x 1 s + 2 s after the drain took them.
+    let store = command_store(&redis.url(), |d| d.ack_timeout = Duration::from_secs(1)).await;
+    let id = phy("drained");
+
+    // Offline: they wait in the queue.
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        let c = new_command(&id, "step", format!("p{i}").as_bytes(), true, None);
+        let c = route::submit(&store, c).await.unwrap();
+        assert_eq!(c.status, Status::Queued);
+        queued.push(c.id);
+    }
+    // An instance's drain took them out of the queue (as the reporter's
+    // drain does) and died before any was sent: still `queued`, in no
+    // queue.
+    let taken = store.take_queued(&phy_id(&id), 100).await.unwrap();
+    assert_eq!(taken.len(), 3);
+    let taken_at = iot_core::time::now_ms();
+
+    // The device is back and subscribes: its queue is empty.
+    let mut dev = Client::connect(&ingest.mqtt, &id, KEEPALIVE).await;
+    dev.subscribe_down(&id).await;
+    assert!(
+        dev.publish_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+
+    // The sweeper finds them lost, puts them back in order and tells the
+    // device's instance to drain the queue: they arrive, in order.
+    let token = tokio_util::sync::CancellationToken::new();
+    let sweeping = tokio::spawn(sweeper::run(
+        store.clone(),
+        Duration::from_millis(200),
+        token.clone(),
+    ));
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = dev.publish(Duration::from_secs(20)).await;
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert!(
+        iot_core::time::now_ms() >= taken_at + 4_000,
+        "not before they count as lost"
+    );
+    assert_eq!(got, ["p0", "p1", "p2"]);
+    for c in &queued {
+        let (_, log) = wait_status(&store, *c, Status::Acked, WAIT).await;
+        assert_eq!(statuses(&log), ["queued", "queued", "sent", "acked"]);
+        assert_eq!(log[1].reason, sweeper::REQUEUED);
+    }
+    assert_eq!(store.queue_len(&phy_id(&id)).await.unwrap(), 0);
+    token.cancel();
+    sweeping.await.unwrap();
+    ingest.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
