@@ -3,7 +3,8 @@
 //! Well-behaved clients in tests use a real client crate; this one exists
 //! for what a real client will not do: send random bytes, send a packet
 //! before CONNECT, send half a CONNECT and stall, announce a packet larger
-//! than the server allows, or go silent to let a keepalive lapse.
+//! than the server allows, go silent to let a keepalive lapse, or abort the
+//! connection with a RST.
 
 use std::time::Duration;
 
@@ -142,6 +143,16 @@ impl TestDevice {
             Ok(Ok(0)) | Ok(Err(_)) => true,
             Ok(Ok(_)) | Err(_) => false,
         }
+    }
+
+    /// Aborts the connection: sets `SO_LINGER` to 0 and drops the socket, so
+    /// the kernel sends a RST instead of a FIN (what a crashing client or a
+    /// middlebox dropping the connection looks like to the server).
+    pub fn reset(self) {
+        self.stream
+            .set_zero_linger()
+            .unwrap_or_else(|e| panic!("cannot set SO_LINGER 0: {e}"));
+        drop(self.stream);
     }
 
     /// PINGREQ, then waits for the PINGRESP (panics otherwise).
