@@ -1,6 +1,8 @@
 //! JSON shapes shared by several routes: the policy's explanation and the
 //! projection lag.
 
+use std::time::Duration;
+
 use iot_core::config::duration;
 use iot_core::registry::Lag;
 use iot_core::{Evaluation, Policy};
@@ -111,19 +113,40 @@ pub struct LagInfo {
     /// When the projectors published this, RFC 3339; null if they never did
     /// (no projector has run).
     pub updated_at: Option<String>,
+    /// Age in ms of this record (the API's clock minus `updated_at`, at
+    /// least 0); null if the projectors never published one.
+    pub age_ms: Option<i64>,
+    /// The record is older than 3 x `projector.lag_interval` (at least 10 s)
+    /// or was never published: no projector is publishing, so the figures
+    /// above may be frozen.
+    pub stale: bool,
 }
 
-impl From<&Lag> for LagInfo {
-    fn from(l: &Lag) -> Self {
+/// Age after which a lag record is `stale`: three publishing rounds
+/// (`projector.lag_interval`), and at least 10 s so that a busy projector or
+/// some clock skew between hosts does not flag it.
+pub fn stale_after(lag_interval: Duration) -> Duration {
+    lag_interval.saturating_mul(3).max(Duration::from_secs(10))
+}
+
+impl LagInfo {
+    /// The answer for `l`, read at `now_ms`; stale when older than
+    /// `stale_after`.
+    pub fn new(l: &Lag, now_ms: i64, stale_after: Duration) -> Self {
+        let published = l.updated_at_ms > 0;
+        let age_ms = published.then(|| now_ms.saturating_sub(l.updated_at_ms).max(0));
+        let stale_ms = i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX);
         Self {
             entries: l.pending.saturating_add(l.undelivered),
             pending: l.pending,
             undelivered: l.undelivered,
             oldest_age_ms: l.oldest_age_ms,
             consumers: l.consumers,
-            updated_at: (l.updated_at_ms > 0)
+            updated_at: published
                 .then_some(l.updated_at_ms)
                 .and_then(crate::timestamp::rfc3339),
+            age_ms,
+            stale: age_ms.is_none_or(|a| a > stale_ms),
         }
     }
 }

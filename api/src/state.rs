@@ -54,6 +54,9 @@ pub struct AppState {
     pub max_packet_size: usize,
     /// Largest request body accepted (see [`crate::body_limit`]).
     pub max_body_bytes: usize,
+    /// Age after which the projectors' lag record is reported stale (see
+    /// [`crate::model::stale_after`]).
+    pub lag_stale_after: Duration,
 }
 
 impl AppState {
@@ -103,7 +106,13 @@ impl AppState {
             ),
             max_packet_size: cfg.mqtt.max_packet_size as usize,
             max_body_bytes: crate::body_limit(cfg.mqtt.max_packet_size as usize),
+            lag_stale_after: crate::model::stale_after(cfg.projector.lag_interval),
         }
+    }
+
+    /// The lag record `lag` as answered now.
+    pub fn lag_info(&self, lag: &iot_core::registry::Lag) -> crate::model::LagInfo {
+        crate::model::LagInfo::new(lag, iot_core::time::now_ms(), self.lag_stale_after)
     }
 
     /// The PostgreSQL store, or 503 `database_not_configured`.

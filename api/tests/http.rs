@@ -132,6 +132,7 @@ async fn device_answer_has_the_seeds_fields_and_explains_itself() {
         oldest_age_ms: 120,
         added_per_sec: 10.0,
         applied_per_sec: 9.0,
+        events_applied_per_sec: 900.0,
         consumers: 2,
         updated_at_ms: T,
     })
@@ -172,6 +173,12 @@ async fn device_answer_has_the_seeds_fields_and_explains_itself() {
     assert_eq!(d["lag"]["undelivered"], 4);
     assert_eq!(d["lag"]["oldest_age_ms"], 120);
     assert_eq!(d["lag"]["updated_at"], "2024-05-01T12:00:00.000Z");
+    // Published in 2024 and measured against the API's clock, not `now`.
+    assert!(
+        d["lag"]["age_ms"].as_i64() >= Some(now_ms() - T - 60_000),
+        "{d}"
+    );
+    assert_eq!(d["lag"]["stale"], true);
 
     // Six minutes later the heartbeat has expired (timeout 5 min).
     let (_, later) = api
@@ -264,6 +271,8 @@ async fn a_clean_disconnect_and_an_ack_timeout_show_in_the_answer() {
         "no projection fields: null"
     );
     assert!(d["lag"]["updated_at"].is_null(), "no lag record: null");
+    assert!(d["lag"]["age_ms"].is_null(), "no lag record: null");
+    assert_eq!(d["lag"]["stale"], true, "no lag record: stale");
 
     let acky = phy("acky");
     seed.device(
@@ -684,6 +693,7 @@ async fn servers_and_stats_describe_the_deployment() {
         oldest_age_ms: 5,
         added_per_sec: 1500.5,
         applied_per_sec: 1499.0,
+        events_applied_per_sec: 250_000.25,
         consumers: 1,
         updated_at_ms: now,
     })
@@ -711,9 +721,21 @@ async fn servers_and_stats_describe_the_deployment() {
     assert_eq!(st["online"], 2);
     assert_eq!(st["connected"], 2);
     assert_eq!(st["known"], 3);
-    assert_eq!(f(&st["events_per_second"], "added"), 1500.5);
-    assert_eq!(f(&st["events_per_second"], "applied"), 1499.0);
+    assert_eq!(f(&st["entries_per_second"], "added"), 1500.5);
+    assert_eq!(f(&st["entries_per_second"], "applied"), 1499.0);
+    assert_eq!(f(&st["events_per_second"], "applied"), 250_000.25);
+    assert!(
+        st["events_per_second"].get("added").is_none(),
+        "events appended are not counted: {st}"
+    );
     assert_eq!(st["lag"]["entries"], 3);
+    assert_eq!(st["lag"]["stale"], false, "{st}");
+    assert!(
+        st["lag"]["age_ms"]
+            .as_i64()
+            .is_some_and(|a| (0..10_000).contains(&a)),
+        "{st}"
+    );
     assert_eq!(st["servers"]["total"], 2);
     assert_eq!(st["servers"]["alive"], 1);
     api.stop().await;
@@ -777,4 +799,67 @@ async fn router_answers_through_tower_oneshot() {
     let resp = router.oneshot(req).await.expect("infallible");
     assert_eq!(resp.status(), 401);
     ctx.shutdown.cancel();
+}
+
+/// The lag record carries its age, and is flagged stale once older than
+/// 3 x `projector.lag_interval` (at least 10 s), as when every projector
+/// has stopped, in the device answers and in `/api/stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lag_record_no_projector_refreshes_is_flagged_stale() {
+    let api = TestApi::start().await;
+    let mut seed = api.seeder().await;
+    let a = srv("ingest-a");
+    let p = phy("lagged");
+    let now = now_ms();
+    seed.device(&p, &[event(&p, &a, 1, now - 1_000, connected())], None)
+        .await;
+    let lag = |updated_at_ms| Lag {
+        pending: 5,
+        undelivered: 7,
+        oldest_age_ms: 40,
+        consumers: 1,
+        updated_at_ms,
+        ..Lag::default()
+    };
+
+    // Fresh: published a moment ago.
+    seed.lag(&lag(now_ms())).await;
+    for path in [
+        "/api/stats",
+        "/api/devices/lagged",
+        "/api/devices/lagged/online",
+    ] {
+        let (status, b) = api.get(path).await;
+        assert_eq!(status, 200, "{path}: {b}");
+        assert_eq!(b["lag"]["stale"], false, "{path}: {b}");
+        let age = b["lag"]["age_ms"].as_i64().expect("age_ms");
+        assert!((0..10_000).contains(&age), "{path}: {b}");
+    }
+
+    // Frozen: the last projector stopped a minute ago, its figures stay.
+    let stopped = now_ms() - 60_000;
+    seed.lag(&lag(stopped)).await;
+    for path in [
+        "/api/stats",
+        "/api/devices/lagged",
+        "/api/devices/lagged/online",
+    ] {
+        let (status, b) = api.get(path).await;
+        assert_eq!(status, 200, "{path}: {b}");
+        assert_eq!(b["lag"]["stale"], true, "{path}: {b}");
+        assert!(b["lag"]["age_ms"].as_i64() >= Some(60_000), "{path}: {b}");
+        assert_eq!(b["lag"]["entries"], 12, "{path}: {b}");
+        assert_eq!(
+            b["lag"]["updated_at"].as_str(),
+            api::timestamp::rfc3339(stopped).as_deref(),
+            "{path}: {b}"
+        );
+    }
+
+    // Published by a host whose clock runs ahead: age 0, not stale.
+    seed.lag(&lag(now_ms() + 5_000)).await;
+    let (_, b) = api.get("/api/stats").await;
+    assert_eq!(b["lag"]["age_ms"], 0, "{b}");
+    assert_eq!(b["lag"]["stale"], false, "{b}");
+    api.stop().await;
 }

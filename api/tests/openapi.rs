@@ -219,6 +219,7 @@ async fn seeded_api() -> TestApi {
         oldest_age_ms: 3,
         added_per_sec: 12.5,
         applied_per_sec: 12.5,
+        events_applied_per_sec: 800.0,
         consumers: 1,
         updated_at_ms: now,
     })
@@ -550,7 +551,7 @@ fn the_schema_check_catches_mismatches() {
         "threshold": 0.5, "reason": "never_seen", "next_change": null,
         "projected_online": null, "projected_reason": null, "since": null, "rev": null,
         "as_of": "2024-05-01T12:00:00.000Z",
-        "lag": {"entries": 0, "pending": 0, "undelivered": 0, "oldest_age_ms": 0, "consumers": 0, "updated_at": null}
+        "lag": {"entries": 0, "pending": 0, "undelivered": 0, "oldest_age_ms": 0, "consumers": 0, "updated_at": null, "age_ms": null, "stale": true}
     });
     let mut errors = Vec::new();
     check(&doc, &schema, &good, "good", &mut errors);

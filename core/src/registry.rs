@@ -66,10 +66,20 @@ pub mod lag_field {
     /// Age in ms of the oldest entry not yet applied (pending or undelivered);
     /// 0 when caught up.
     pub const OLDEST_AGE_MS: &str = "oldest_age_ms";
-    /// Events appended per second over the last interval (all shards).
+    /// Stream entries appended per second over the last interval (all
+    /// shards). An entry may carry a batch of heartbeats: this counts
+    /// entries, not events.
     pub const ADDED_PER_SEC: &str = "added_per_sec";
-    /// Events applied per second by all projectors over the last interval.
+    /// Stream entries acknowledged per second by all projectors over the last
+    /// interval.
     pub const APPLIED_PER_SEC: &str = "applied_per_sec";
+    /// Events (a heartbeat batch counts each heartbeat) applied per second by
+    /// all projectors over the last interval, from [`EVENTS_APPLIED`].
+    pub const EVENTS_APPLIED_PER_SEC: &str = "events_applied_per_sec";
+    /// Events applied by all projectors since the record was created: a
+    /// counter each projector adds to (HINCRBY) before it measures, never
+    /// part of the HSET of [`super::Lag::to_fields`].
+    pub const EVENTS_APPLIED: &str = "events_applied";
     /// Consumers in the group.
     pub const CONSUMERS: &str = "consumers";
     /// When this record was written, ms.
@@ -89,6 +99,8 @@ pub struct Lag {
     pub added_per_sec: f64,
     /// See [`lag_field::APPLIED_PER_SEC`].
     pub applied_per_sec: f64,
+    /// See [`lag_field::EVENTS_APPLIED_PER_SEC`].
+    pub events_applied_per_sec: f64,
     /// See [`lag_field::CONSUMERS`].
     pub consumers: u64,
     /// See [`lag_field::UPDATED_AT_MS`].
@@ -104,6 +116,10 @@ impl Lag {
             (lag_field::OLDEST_AGE_MS, self.oldest_age_ms.to_string()),
             (lag_field::ADDED_PER_SEC, self.added_per_sec.to_string()),
             (lag_field::APPLIED_PER_SEC, self.applied_per_sec.to_string()),
+            (
+                lag_field::EVENTS_APPLIED_PER_SEC,
+                self.events_applied_per_sec.to_string(),
+            ),
             (lag_field::CONSUMERS, self.consumers.to_string()),
             (lag_field::UPDATED_AT_MS, self.updated_at_ms.to_string()),
         ]
@@ -120,6 +136,7 @@ impl Lag {
             oldest_age_ms: n(f, lag_field::OLDEST_AGE_MS),
             added_per_sec: n(f, lag_field::ADDED_PER_SEC),
             applied_per_sec: n(f, lag_field::APPLIED_PER_SEC),
+            events_applied_per_sec: n(f, lag_field::EVENTS_APPLIED_PER_SEC),
             consumers: n(f, lag_field::CONSUMERS),
             updated_at_ms: n(f, lag_field::UPDATED_AT_MS),
         }
@@ -138,6 +155,7 @@ mod tests {
             oldest_age_ms: 250,
             added_per_sec: 1234.5,
             applied_per_sec: 1200.0,
+            events_applied_per_sec: 90_000.0,
             consumers: 2,
             updated_at_ms: 1_700_000_000_000,
         };

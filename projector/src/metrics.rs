@@ -78,6 +78,7 @@ pub fn describe() {
 /// Counts events of `kind` applied.
 pub fn events_applied(kind: &'static str, n: u64) {
     metrics::counter!(EVENTS_APPLIED, "kind" => kind).increment(n);
+    crate::lag::count_events_applied(n);
 }
 
 /// Records one applied batch.

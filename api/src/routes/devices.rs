@@ -241,7 +241,7 @@ pub async fn device(
         since: rfc3339_opt(dev.projected.since),
         rev: dev.projected.rev,
         as_of: rfc3339(now).unwrap_or_default(),
-        lag: LagInfo::from(&lag),
+        lag: state.lag_info(&lag),
         registry,
     }))
 }
@@ -295,6 +295,6 @@ pub async fn device_online(
         last_ack_timeout: rfc3339_opt(input.last_ack_timeout),
         disconnected: input.disconnected,
         projected_online: dev.projected.online,
-        lag: LagInfo::from(&lag),
+        lag: state.lag_info(&lag),
     }))
 }

@@ -1,4 +1,4 @@
-//! `GET /api/stats`: device counts, event rates and lag.
+//! `GET /api/stats`: device counts, entry and event rates and lag.
 
 use axum::Json;
 use axum::extract::State;
@@ -13,12 +13,24 @@ use crate::state::AppState;
 use crate::timestamp::rfc3339;
 use crate::{instances, presence};
 
-/// Event rates over the projectors' last interval.
+/// Stream entry rates over the projectors' last interval. One entry holds
+/// one event, or a batch of up to 500 heartbeats: see `events_per_second`
+/// for events.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EntryRates {
+    /// Stream entries appended per second.
+    pub added: f64,
+    /// Stream entries acknowledged by the projectors per second.
+    pub applied: f64,
+}
+
+/// Event rates over the projectors' last interval (each heartbeat of a
+/// batch counts). Only the projectors count events, so there is no rate of
+/// events appended: `entries_per_second.added` counts entries.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventRates {
-    /// Events appended to the streams per second.
-    pub added: f64,
-    /// Events applied by the projectors per second.
+    /// Events applied by the projectors per second (all projectors; trails
+    /// by up to one `projector.lag_interval`).
     pub applied: f64,
 }
 
@@ -51,6 +63,8 @@ pub struct Stats {
     pub connected: u64,
     /// Devices with a session view (the known index).
     pub known: u64,
+    /// Stream entry rates.
+    pub entries_per_second: EntryRates,
     /// Event rates.
     pub events_per_second: EventRates,
     /// How far the projection lags behind the events.
@@ -63,8 +77,8 @@ pub struct Stats {
     pub as_of: String,
 }
 
-/// Online, connected and known device counts, events per second and the
-/// projection lag.
+/// Online, connected and known device counts, stream entries and events per
+/// second and the projection lag.
 #[utoipa::path(get, path = "/api/stats", tag = "servers",
     security(("bearer" = [])),
     responses(
@@ -92,11 +106,14 @@ pub async fn stats(
         online,
         connected: servers.iter().map(|s| s.live_connections).sum(),
         known,
-        events_per_second: EventRates {
+        entries_per_second: EntryRates {
             added: lag.added_per_sec,
             applied: lag.applied_per_sec,
         },
-        lag: LagInfo::from(&lag),
+        events_per_second: EventRates {
+            applied: lag.events_applied_per_sec,
+        },
+        lag: state.lag_info(&lag),
         servers: ServerCounts {
             total: servers.len(),
             alive: servers.iter().filter(|s| s.alive).count(),

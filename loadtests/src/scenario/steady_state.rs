@@ -123,11 +123,15 @@ pub struct PipelineRates {
     pub xadd_calls: f64,
     /// Events the projector applied.
     pub events_applied: f64,
-    /// The projectors' own `added_per_sec` / `applied_per_sec` (projector:lag,
-    /// via /api/stats) at the end of the window.
+    /// The projectors' own stream entry rates, appended and acknowledged
+    /// (`entries_per_second` of /api/stats) at the end of the window.
     pub lag_added: f64,
     /// See `lag_added`.
     pub lag_applied: f64,
+    /// The projectors' own events applied per second (`events_per_second`
+    /// of /api/stats, every heartbeat of a batch counted).
+    #[serde(default)]
+    pub lag_events_applied: f64,
 }
 
 /// CPU microseconds per heartbeat, per role.
@@ -355,8 +359,9 @@ pub async fn run(
         events_written: per_s(after.written - before.written),
         xadd_calls: per_s(usage.redis_calls.get("xadd").copied().unwrap_or(0) as f64),
         events_applied: per_s(after.applied - before.applied),
-        lag_added: stats.events_per_second.added,
-        lag_applied: stats.events_per_second.applied,
+        lag_added: stats.entries_per_second.added,
+        lag_applied: stats.entries_per_second.applied,
+        lag_events_applied: stats.events_per_second.applied,
     };
     let us = |s: f64| ratio(s * 1e6, pings);
     let role = |r: &str| usage.cpu_s.get(r).copied().unwrap_or(0.0);

@@ -40,18 +40,27 @@ pub struct StatsAnswer {
     pub connected: u64,
     /// Devices with a view.
     pub known: u64,
-    /// Event rates.
+    /// Stream entry rates (one entry holds one event or a heartbeat batch).
+    pub entries_per_second: EntryRates,
+    /// Event rates (each heartbeat of a batch counts).
     pub events_per_second: EventRates,
     /// Projection lag.
     pub lag: Lag,
 }
 
+/// Stream entry rates of `/api/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct EntryRates {
+    /// Entries appended per second.
+    pub added: f64,
+    /// Entries the projectors acknowledged per second.
+    pub applied: f64,
+}
+
 /// Event rates of `/api/stats`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct EventRates {
-    /// Appended per second.
-    pub added: f64,
-    /// Applied per second.
+    /// Events the projectors applied per second.
     pub applied: f64,
 }
 
