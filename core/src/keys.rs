@@ -88,6 +88,24 @@ impl Keys {
         self.k(format_args!("session:server:{{{server}}}:conns"))
     }
 
+    /// Hash connection id -> epoch: the newest epoch at which the
+    /// projector wrote a connection's membership in the instance's
+    /// [`server_conns`](Self::server_conns) set (added while live, removed
+    /// once ended or superseded), so that a late write of an older state
+    /// cannot undo a newer one. One hash per generation `generation` of the
+    /// projector's clock (same hash tag as the set); each expires a few
+    /// generations after it was created.
+    pub fn server_marks(&self, server: &ServerId, generation: i64) -> String {
+        self.k(format_args!(
+            "session:server:{{{server}}}:marks:{generation}"
+        ))
+    }
+
+    /// Pattern matching every instance's connection set and marks (for SCAN).
+    pub fn server_pattern(&self) -> String {
+        self.k(format_args!("session:server:*"))
+    }
+
     /// Counter: the device's last epoch (never expires, never goes back).
     pub fn epoch(&self, phy: &PhyId) -> String {
         self.k(format_args!("session:epoch:{{{phy}}}"))
@@ -264,6 +282,7 @@ mod tests {
         );
         let s = ServerId::new("srv-a").unwrap();
         assert_eq!(k.server_conns(&s), "session:server:{srv-a}:conns");
+        assert_eq!(k.server_marks(&s, 42), "session:server:{srv-a}:marks:42");
         assert_eq!(k.downlink_channel(&s), "downlink:srv-a");
         assert_eq!(k.reaper_lock(&s), "server:reaping:{srv-a}");
     }

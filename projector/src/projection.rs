@@ -1,7 +1,19 @@
 //! Applying events to Redis: heartbeats into the shards' seen sets, the
 //! device scripts, then everything outside the device's slot that follows
-//! from their records (the shard index, the connection key, the instance's
-//! connection set).
+//! from their records (the shard index, the connection key, the instances'
+//! connection sets).
+//!
+//! The connection sets follow the views under the same epoch rule as the
+//! views themselves, whatever the order in which projectors' writes arrive:
+//! every record of an event merged through the full path states the bound
+//! connection's membership at its epoch (live: in the set; ended: out), and
+//! a connection that a newer one superseded (the record's superseded
+//! binding, or the event's own connection when the view binds a newer one)
+//! is stated out at its epoch. The `conns` function applies the newest
+//! statement per connection and keeps marks of what it applied (see
+//! `lua/conns.lua`), so a late write of an older state is ignored, and a
+//! replay (a redelivered entry whose writes were lost) states the same
+//! again.
 //!
 //! Three round trips per batch (four when a heartbeat takes the device
 //! function), each a pipeline (see [`Projection::apply`]).
@@ -18,7 +30,9 @@ use redis::{RedisResult, Value};
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::script::{Beat, Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score};
+use crate::script::{
+    Beat, ConnOp, Flip, IndexUpdate, Outcome, Record, Scripts, parse_flips, parse_score,
+};
 use crate::settings::Settings;
 use crate::stream::event_in_range;
 
@@ -28,6 +42,25 @@ pub const SEEN_CHUNK: usize = 500;
 
 /// Index updates per call of the index script.
 const INDEX_CHUNK: usize = 256;
+
+/// Membership statements per call of the conns function.
+const CONNS_CHUNK: usize = 256;
+
+/// Shortest generation of the connection sets' marks, ms.
+const MIN_MARKS_GENERATION_MS: i64 = 60_000;
+
+/// Length of one generation of the connection sets' marks, ms: the views'
+/// TTL, at least a minute. A mark lives one to two generations beyond the
+/// generation it was written in; it only has to outlast the writes that
+/// were on their way when it was made (a projector's round trips).
+pub fn marks_generation_ms(s: &Settings) -> i64 {
+    s.ttl_ms.max(MIN_MARKS_GENERATION_MS)
+}
+
+/// The generation of the connection sets' marks at `now_ms`.
+pub fn marks_generation(s: &Settings, now_ms: i64) -> i64 {
+    now_ms.div_euclid(marks_generation_ms(s))
+}
 
 /// One decoded stream entry to apply.
 #[derive(Debug, Clone)]
@@ -72,9 +105,11 @@ pub struct Projection {
 }
 
 /// What to do after the device scripts.
-struct FollowUp {
+struct FollowUp<'a> {
     outcome: Outcome,
     lease: bool,
+    /// The event merged (connection, instance, epoch), if any.
+    event: Option<(Uuid, &'a ServerId, u64)>,
 }
 
 impl Projection {
@@ -280,11 +315,23 @@ impl Projection {
         }
         let mut follow = Vec::new();
         if !pipe.is_empty() {
-            for reply in self.scripts.query(conn, &pipe).await? {
+            // One reply per call, in the order of the calls.
+            let sources = events
+                .iter()
+                .map(|(ev, _)| (ev.conn_id, &ev.server_id, ev.epoch))
+                .chain(wake.values().map(|b| (b.conn, b.server, b.epoch)));
+            for (reply, event) in self
+                .scripts
+                .query(conn, &pipe)
+                .await?
+                .into_iter()
+                .zip(sources)
+            {
                 for outcome in Outcome::parse_all("device", reply)? {
                     follow.push(FollowUp {
                         outcome,
                         lease: false,
+                        event: Some(event),
                     });
                 }
             }
@@ -320,7 +367,11 @@ impl Projection {
         let mut follow = Vec::new();
         for reply in replies {
             for outcome in Outcome::parse_all("device", reply)? {
-                follow.push(FollowUp { outcome, lease });
+                follow.push(FollowUp {
+                    outcome,
+                    lease,
+                    event: None,
+                });
             }
         }
         applied.evaluated = phys.len() as u64;
@@ -336,13 +387,14 @@ impl Projection {
     async fn follow_up<C: ConnectionLike>(
         &self,
         conn: &mut C,
-        follow: Vec<FollowUp>,
+        follow: Vec<FollowUp<'_>>,
         lifecycle: Lifecycle,
         now_ms: i64,
     ) -> RedisResult<Vec<Flip>> {
         let s = &*self.settings;
         let mut pipe = redis::pipe();
         let mut by_shard: BTreeMap<u16, Vec<IndexUpdate>> = BTreeMap::new();
+        let mut sets: BTreeMap<ServerId, Vec<ConnOp>> = BTreeMap::new();
         for f in follow {
             match f.outcome {
                 Outcome::Gone { phy } => {
@@ -363,7 +415,7 @@ impl Projection {
                     self.touch_conn(&mut pipe, &phy, &conn, expires_ms - now_ms);
                 }
                 Outcome::Settled(record) => {
-                    self.bindings(&mut pipe, &record, now_ms);
+                    self.bindings(&mut pipe, &mut sets, &record, f.event, now_ms);
                     by_shard
                         .entry(shard_of(&record.phy, s.shards))
                         .or_default()
@@ -372,6 +424,17 @@ impl Projection {
                             lease: f.lease,
                         });
                 }
+            }
+        }
+        // Before the index updates: once an index says a device is online
+        // at an epoch (so that its heartbeats skip the device function),
+        // the sets follow that binding.
+        let generation = marks_generation(s, now_ms);
+        let marks_ttl = 3 * marks_generation_ms(s);
+        for (server, ops) in &sets {
+            for chunk in ops.chunks(CONNS_CHUNK) {
+                pipe.add_command(self.scripts.conns(s, server, generation, marks_ttl, chunk))
+                    .ignore();
             }
         }
         for (shard, updates) in &by_shard {
@@ -413,34 +476,67 @@ impl Projection {
         }
     }
 
-    /// The connection key and the instance's connection set of a record
-    /// evaluated at `now_ms`.
-    fn bindings(&self, pipe: &mut redis::Pipeline, r: &Record, now_ms: i64) {
-        let keys = &self.settings.keys;
+    /// The connection keys and the membership statements (into `sets`, by
+    /// instance) of a record evaluated at `now_ms`; `event`: the event it
+    /// merged (connection, instance, epoch).
+    fn bindings(
+        &self,
+        pipe: &mut redis::Pipeline,
+        sets: &mut BTreeMap<ServerId, Vec<ConnOp>>,
+        r: &Record,
+        event: Option<(Uuid, &ServerId, u64)>,
+        now_ms: i64,
+    ) {
         if let (Some(conn), Some(expires)) = (&r.conn, r.conn_expires_ms) {
             self.touch_conn(pipe, &r.phy, conn, expires - now_ms);
         }
         if !r.binding {
             return;
         }
-        if let (Some(conn), Some(server)) = (&r.conn, &r.server)
-            && let Ok(server) = ServerId::new(server.as_str())
+        let bound = match (&r.conn, &r.server) {
+            (Some(conn), Some(server)) if r.epoch > 0 => Some((conn.as_str(), server.as_str())),
+            _ => None,
+        };
+        if let Some((conn, server)) = bound
+            && let Ok(server) = ServerId::new(server)
         {
-            let key = keys.server_conns(&server);
-            if r.live {
-                pipe.sadd(key, conn).ignore();
+            let conn = conn.to_owned();
+            let epoch = r.epoch;
+            sets.entry(server).or_default().push(if r.live {
+                ConnOp::Live { conn, epoch }
             } else {
-                pipe.srem(key, conn).ignore();
-            }
+                ConnOp::Down { conn, epoch }
+            });
         }
-        // The binding it replaced leaves its instance's set, unless it is the
-        // same connection on the same instance (a session announced again
-        // with a new epoch, see the ingest's `rebind`): it stays a member.
-        if let Some((conn, server)) = &r.superseded
-            && (r.conn.as_ref() != Some(conn) || r.server.as_ref() != Some(server))
-            && let Ok(server) = ServerId::new(server.as_str())
+        // A connection the view no longer binds leaves its instance's set,
+        // and its connection key goes: the binding this call replaced, and
+        // the event's own connection when a newer one holds the device. Not
+        // when it is the bound connection on the same instance (a session
+        // announced again with a new epoch, see the ingest's `rebind`): that
+        // stays a member, at the new epoch.
+        let mut gone = |conn: &str, server: &str, epoch: u64| {
+            if bound == Some((conn, server)) {
+                return;
+            }
+            if let Ok(server) = ServerId::new(server) {
+                sets.entry(server).or_default().push(ConnOp::Down {
+                    conn: conn.to_owned(),
+                    epoch,
+                });
+            }
+            if r.conn.as_deref() != Some(conn)
+                && let Ok(id) = Uuid::parse_str(conn)
+            {
+                pipe.del(self.settings.keys.conn(&id)).ignore();
+            }
+        };
+        if let Some(sup) = &r.superseded {
+            gone(&sup.conn, &sup.server, sup.epoch);
+        }
+        if let Some((conn, server, epoch)) = event
+            && epoch < r.epoch
         {
-            pipe.srem(keys.server_conns(&server), conn).ignore();
+            gone(&conn.to_string(), server.as_str(), epoch);
         }
     }
 }

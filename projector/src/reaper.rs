@@ -11,6 +11,11 @@
 //! moment the instance was lost (last beat + liveness TTL), so a second
 //! reaping of the same instance writes identical events: the merge makes
 //! duplicates harmless.
+//!
+//! Deleting the set leaves its marks (see `lua/conns.lua`) in place: a late
+//! write of a connection's live state, from a projector that merged one of
+//! its events before the reaping, cannot bring it back once its end (these
+//! `tcp_down` events) is projected, and the marks expire on their own.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! `iot-projector rebuild`: re-derives the views from what the event streams
 //! still hold, through the same scripts as live projection. With `reset`,
-//! the views, their connection keys and the shard indexes are deleted first
+//! the views, their connection keys, the instances' connection sets (with
+//! their marks) and the shard indexes are deleted first (the ingests add
+//! the connections they hold back to their sets within a renewal sweep)
 //! and the lifecycle stream is left alone (the index flips of a rebuild are
 //! not transitions of the devices).
 //!
@@ -32,6 +34,8 @@ const CHUNK: usize = 1000;
 pub struct RebuildSummary {
     /// Views deleted first (`reset`).
     pub views_deleted: u64,
+    /// Instances' connection sets and their marks deleted first (`reset`).
+    pub server_keys_deleted: u64,
     /// Stream entries read.
     pub entries: u64,
     /// Events read from the PostgreSQL archive.
@@ -157,6 +161,7 @@ pub async fn rebuild_with(
     projection.scripts().load(conn).await?;
     if reset {
         summary.views_deleted = delete_views(conn, s).await?;
+        summary.server_keys_deleted = delete_matching(conn, &s.keys.server_pattern()).await?;
         let mut pipe = redis::pipe();
         for shard in s.shard_range() {
             pipe.del(s.keys.online(shard))
@@ -233,6 +238,25 @@ pub async fn rebuild_with(
     }
     summary.took = started.elapsed();
     Ok(summary)
+}
+
+/// Deletes every key matching `pattern`.
+async fn delete_matching(conn: &mut ConnectionManager, pattern: &str) -> RedisResult<u64> {
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(pattern).await?;
+        while let Some(k) = iter.next_item().await {
+            keys.push(k?);
+        }
+    }
+    for chunk in keys.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.del(k).ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(keys.len() as u64)
 }
 
 /// Deletes every view and the connection key of its bound connection.

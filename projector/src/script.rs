@@ -6,6 +6,8 @@
 //! - `index`: the shard-level projection (online index, bound epochs,
 //!   revisions, lifecycle, due, known, seen), all keys in the shard's slot.
 //! - `due`: leases the devices of a shard whose evaluation is due.
+//! - `conns`: an instance's connection set under the epoch rule (keys: the
+//!   set and its marks, all in the instance's slot), see [`ConnOp`].
 //!
 //! A function library (Redis 7 `FUNCTION LOAD`, called with `FCALL`) rather
 //! than scripts: the library's code runs once at load, so a call pays only
@@ -26,11 +28,12 @@ use uuid::Uuid;
 
 use crate::settings::Settings;
 
-const LUA_FILES: [&str; 4] = [
+const LUA_FILES: [&str; 5] = [
     include_str!("lua/view.lua"),
     include_str!("lua/device.lua"),
     include_str!("lua/index.lua"),
     include_str!("lua/due.lua"),
+    include_str!("lua/conns.lua"),
 ];
 
 /// One heartbeat, as the projector applies it.
@@ -63,7 +66,7 @@ impl<'a> Beat<'a> {
 }
 
 /// Number of values in one record returned by the device functions.
-pub const RECORD_LEN: usize = 18;
+pub const RECORD_LEN: usize = 19;
 
 /// Number of values in one index update.
 const INDEX_RECORD_LEN: usize = 10;
@@ -311,6 +314,59 @@ impl Scripts {
     }
 }
 
+/// One statement about a connection's membership in its instance's set
+/// (see `lua/conns.lua`): the newest epoch wins, and at one epoch `Down`
+/// wins over `Live`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConnOp {
+    /// The view binds the connection at this epoch and it has not ended.
+    Live {
+        /// The connection.
+        conn: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// The connection ended at this epoch, or a newer one took the device.
+    Down {
+        /// The connection.
+        conn: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+}
+
+impl Scripts {
+    /// Applies membership statements to one instance's connection set.
+    /// `generation`: the caller's clock in generations of the marks (see
+    /// [`crate::projection::marks_generation`]); `marks_ttl_ms`: how long a
+    /// generation's marks live after it is created (three generations).
+    pub fn conns(
+        &self,
+        s: &Settings,
+        server: &ServerId,
+        generation: i64,
+        marks_ttl_ms: i64,
+        ops: &[ConnOp],
+    ) -> Cmd {
+        let k = &s.keys;
+        let keys = [
+            k.server_conns(server),
+            k.server_marks(server, generation - 1),
+            k.server_marks(server, generation),
+            k.server_marks(server, generation + 1),
+        ];
+        let mut cmd = self.fcall("conns", &keys);
+        cmd.arg(marks_ttl_ms);
+        for op in ops {
+            match op {
+                ConnOp::Live { conn, epoch } => cmd.arg("l").arg(conn).arg(*epoch),
+                ConnOp::Down { conn, epoch } => cmd.arg("d").arg(conn).arg(*epoch),
+            };
+        }
+        cmd
+    }
+}
+
 fn opt_ms(v: Option<i64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
@@ -406,16 +462,27 @@ pub struct Record {
     pub server: Option<String>,
     /// The bound connection has not ended.
     pub live: bool,
-    /// The binding this call replaced (connection, instance).
-    pub superseded: Option<(String, String)>,
+    /// The binding this call replaced.
+    pub superseded: Option<Box<Superseded>>,
     /// The view's expiry moved to this (ms, the caller's clock): give the
     /// bound connection's key the same.
     pub conn_expires_ms: Option<i64>,
     /// When the online state last changed, ms.
     pub since: i64,
-    /// The call merged an event through the full path: maintain the
-    /// instance's connection set.
+    /// The call merged an event through the full path (or replayed a
+    /// redelivered one): maintain the instances' connection sets.
     pub binding: bool,
+}
+
+/// A binding that a newer epoch replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    /// Its connection.
+    pub conn: String,
+    /// Its instance.
+    pub server: String,
+    /// Its epoch.
+    pub epoch: u64,
 }
 
 fn nonempty(s: &str) -> Option<String> {
@@ -471,7 +538,15 @@ impl Outcome {
                 conn: nonempty(&r[10]),
                 server: nonempty(&r[11]),
                 live: r[12] == "1",
-                superseded: nonempty(&r[13]).map(|c| (c, r[14].clone())),
+                superseded: match nonempty(&r[13]) {
+                    Some(conn) => Some(Box::new(Superseded {
+                        conn,
+                        server: r[14].clone(),
+                        epoch: u64::try_from(num(18)?)
+                            .map_err(|_| "negative superseded epoch".to_owned())?,
+                    })),
+                    None => None,
+                },
                 conn_expires_ms: if r[15].is_empty() {
                     None
                 } else {

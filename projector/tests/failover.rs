@@ -1,8 +1,9 @@
 //! Two `iot-projector` processes on one consumer group work through a large
 //! injected stream; one is killed with SIGKILL mid-stream and the survivor
 //! claims its pending entries. The final views (merge fields, online state
-//! and reason) and the online index equal a single projector's replay of
-//! the same entries under another prefix.
+//! and reason), the online index, the instances' connection sets and the
+//! bound connections' keys equal a single projector's replay of the same
+//! entries under another prefix, and the sets and keys follow the views.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -154,6 +155,22 @@ async fn sigkilled_projector_work_is_claimed_and_views_match_a_single_replay() {
     assert_eq!(views_a.len(), 1600);
     assert_eq!(views_a, views_b);
     assert_eq!(online_a, online_b);
+    let (links_a, links_b) = (links(&mut conn, &ka).await, links(&mut conn, &kb).await);
+    // Under their own prefixes: compare the sets by instance name.
+    let strip = |(sets, conn_keys): Links, k: &Keys| -> Links {
+        let sets = sets
+            .into_iter()
+            .map(|(name, m)| (name.trim_start_matches(k.prefix()).to_owned(), m))
+            .collect();
+        (sets, conn_keys)
+    };
+    assert_eq!(
+        links_a,
+        links_of(&ka, &views_a),
+        "the links follow the views"
+    );
+    assert!(!links_a.0.is_empty());
+    assert_eq!(strip(links_a, &ka), strip(links_b, &kb));
     assert!(
         !online_a.is_empty() && online_a.len() < 1600,
         "{}",

@@ -11,15 +11,17 @@
 //!   `SessionView`'s fold; `last_seen` with the seen score folded in equals
 //!   the fold's; online state and reason equal `Policy::evaluate` of the
 //!   folded view, and the online index and bound epochs follow them. The
-//!   run checks that the seen-set path was taken in a tenth of the cases
-//!   at least.
+//!   instances' connection sets hold exactly the folded views' live bound
+//!   connections, and exactly the bound connections have a connection key
+//!   (naming their device). The run checks that the seen-set path was taken
+//!   in a tenth of the cases at least.
 //! - The Lua policy against `Policy::evaluate` on random inputs: online,
 //!   reason, score (bit for bit) and next change time.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use common::*;
@@ -296,6 +298,35 @@ async fn stored(
     out
 }
 
+/// The instances' connection sets (srv-0..srv-2): (instance, connection).
+async fn server_sets(conn: &mut ConnectionManager, keys: &Keys) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for s in ["srv-0", "srv-1", "srv-2"] {
+        let m: Vec<String> = conn
+            .smembers(keys.server_conns(&srv(s)))
+            .await
+            .expect("smembers");
+        out.extend(m.into_iter().map(|c| (s.to_owned(), c)));
+    }
+    out
+}
+
+/// The connection keys of every connection the events name: conn -> phy.
+async fn conn_keys(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    events: &[Event],
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in events {
+        let v: Option<String> = conn.get(keys.conn(&e.conn_id)).await.expect("get");
+        if let Some(v) = v {
+            out.insert(e.conn_id.to_string(), v);
+        }
+    }
+    out
+}
+
 /// A random event set, its two orders (a shuffle; a shuffle sorted by
 /// event time give or take 5 s, the streams' near order) and batchings, and
 /// two schedules.
@@ -376,42 +407,73 @@ fn check_case(case: &Case) -> Result<(Paths, Paths), TestCaseError> {
     let (pa, pb) = (unique_prefix(), unique_prefix());
     let (proj_a, proj_b) = (projection(&pa, policy()), projection(&pb, policy()));
     let (ka, kb) = (&proj_a.settings().keys, &proj_b.settings().keys);
-    let (paths, raw_a, raw_b, sa, sb, bound_a, bound_b, online_a, online_b) = rt.block_on(async {
-        let mut conn = connect(&url).await;
-        let paths = (
-            apply_all(
-                &mut conn,
-                &proj_a,
-                pack(&case.a),
-                case.batch_a,
-                Clock::Steps,
-                &case.schedule_a,
+    let (paths, raw_a, raw_b, sa, sb, bound_a, bound_b, online_a, online_b, links) =
+        rt.block_on(async {
+            let mut conn = connect(&url).await;
+            let paths = (
+                apply_all(
+                    &mut conn,
+                    &proj_a,
+                    pack(&case.a),
+                    case.batch_a,
+                    Clock::Steps,
+                    &case.schedule_a,
+                )
+                .await,
+                apply_all(
+                    &mut conn,
+                    &proj_b,
+                    pack(&case.b),
+                    case.batch_b,
+                    Clock::Follow,
+                    &case.schedule_b,
+                )
+                .await,
+            );
+            evaluate_all(&mut conn, &proj_a).await;
+            evaluate_all(&mut conn, &proj_b).await;
+            (
+                paths,
+                raw(&mut conn, ka).await,
+                raw(&mut conn, kb).await,
+                stored(&mut conn, ka).await,
+                stored(&mut conn, kb).await,
+                bound_epochs(&mut conn, &proj_a).await,
+                bound_epochs(&mut conn, &proj_b).await,
+                online_set(&mut conn, ka, 4).await,
+                online_set(&mut conn, kb, 4).await,
+                [
+                    (
+                        server_sets(&mut conn, ka).await,
+                        conn_keys(&mut conn, ka, &case.events).await,
+                    ),
+                    (
+                        server_sets(&mut conn, kb).await,
+                        conn_keys(&mut conn, kb, &case.events).await,
+                    ),
+                ],
             )
-            .await,
-            apply_all(
-                &mut conn,
-                &proj_b,
-                pack(&case.b),
-                case.batch_b,
-                Clock::Follow,
-                &case.schedule_b,
-            )
-            .await,
-        );
-        evaluate_all(&mut conn, &proj_a).await;
-        evaluate_all(&mut conn, &proj_b).await;
-        (
-            paths,
-            raw(&mut conn, ka).await,
-            raw(&mut conn, kb).await,
-            stored(&mut conn, ka).await,
-            stored(&mut conn, kb).await,
-            bound_epochs(&mut conn, &proj_a).await,
-            bound_epochs(&mut conn, &proj_b).await,
-            online_set(&mut conn, ka, 4).await,
-            online_set(&mut conn, kb, 4).await,
-        )
-    });
+        });
+    // The connection sets and keys follow the folded views: the live bound
+    // connections are members of their instances' sets, the bound ones
+    // have a key; nothing else (superseded and ended connections left).
+    let mut want_sets = BTreeSet::new();
+    let mut want_keys = BTreeMap::new();
+    for d in DEVICES {
+        let pure = fold(case.events.iter().filter(|x| x.phy_id.as_str() == d));
+        if let (Some(c), Some(s)) = (pure.conn_id, &pure.server_id)
+            && pure.epoch > 0
+        {
+            want_keys.insert(c.to_string(), d.to_owned());
+            if pure.connected() {
+                want_sets.insert((s.to_string(), c.to_string()));
+            }
+        }
+    }
+    for (sets, conn_keys) in &links {
+        prop_assert_eq!(sets, &want_sets, "connection sets");
+        prop_assert_eq!(conn_keys, &want_keys, "connection keys");
+    }
     // The views with the seen score folded in.
     let merge_a: BTreeMap<_, _> = sa
         .iter()

@@ -64,6 +64,8 @@ async fn rebuild_with_reset_gives_the_live_views() {
     assert!(status.success(), "{status}\n{}", live.stderr());
 
     let before = snapshot(&mut conn, &keys, SHARDS).await;
+    let links_before = links(&mut conn, &keys).await;
+    assert_eq!(links_before, links_of(&keys, &before.0));
     let lifecycle_before = lifecycle_len(&mut conn, &keys).await;
     assert_eq!(before.0.len(), 400);
     assert!(lifecycle_before > 0);
@@ -75,12 +77,14 @@ async fn rebuild_with_reset_gives_the_live_views() {
     assert!(out.contains("400 devices known"), "{out}");
     let after = snapshot(&mut conn, &keys, SHARDS).await;
     assert_eq!(before, after);
+    assert_eq!(links(&mut conn, &keys).await, links_before);
     assert_eq!(lifecycle_len(&mut conn, &keys).await, lifecycle_before);
 
     // Without reset: the same again, and no transitions.
     let out = rebuild(&redis.url(), &prefix, &["rebuild"]);
     assert!(out.contains("0 views deleted first"), "{out}");
     assert_eq!(snapshot(&mut conn, &keys, SHARDS).await, before);
+    assert_eq!(links(&mut conn, &keys).await, links_before);
     assert_eq!(lifecycle_len(&mut conn, &keys).await, lifecycle_before);
 }
 

@@ -119,7 +119,8 @@ end
 -- Merges one event into the state s (SessionView::apply_parts). ev: kind
 -- (c connected, h heartbeat, u uplink, t tcp_down, d disconnected, a ack,
 -- x ack_timeout), epoch, conn, server, ts (strings), reason (tcp_down).
--- Returns the superseded binding {conn, server} if a higher epoch took over.
+-- Returns the superseded binding {conn, server, epoch} if a higher epoch
+-- took over.
 local function merge(s, w, ev)
   local ts = tonumber(ev.ts)
   local k = ev.kind
@@ -148,7 +149,7 @@ local function merge(s, w, ev)
   local cur = tonumber(s.epoch or '0')
   if ep > cur then
     if s.conn_id ~= nil then
-      superseded = { s.conn_id, s.server_id or '' }
+      superseded = { s.conn_id, s.server_id or '', s.epoch or '0' }
     end
     put(s, w, 'epoch', ev.epoch)
     put(s, w, 'conn_id', ev.conn)
@@ -260,14 +261,16 @@ end
 --  8 due ms, 9 known ms, 10 epoch, 11 bound conn, 12 bound server,
 --  13 bound conn live 1/0, 14 superseded conn, 15 superseded server,
 --  16 the connection key's new expiry ms ('': leave it), 17 since,
---  18 binding maintenance 1/0.
-local RECORD_LEN = 18
+--  18 binding maintenance 1/0, 19 superseded epoch.
+local RECORD_LEN = 19
 
 -- Evaluates the policy on the merged state, records the projected fields,
 -- writes the view and returns its record. kind: the event kind ('' for a
 -- time-based evaluation); ttl: how the view's expiry moves ('event': to
 -- now + TTL; 'seen': to last_seen + TTL if that is later; nil: it stays,
--- unless the view has none); full: binding maintenance (server set) wanted.
+-- unless the view has none); full: binding maintenance (server set) wanted
+-- (the connection key then gets the view's expiry even if it did not move,
+-- so that a replay repairs a key whose write was lost).
 local function settle(key, phy, s, w, kind, ttl, full, superseded)
   local online, reason, _, nxt = evaluate_state(s)
   local changed = false
@@ -340,14 +343,14 @@ local function settle(key, phy, s, w, kind, ttl, full, superseded)
   end
   local live = s.epoch ~= nil and s.conn_id ~= nil and s.ended == nil
   local conn_expiry = ''
-  if s.conn_id ~= nil and moved then conn_expiry = expiry end
-  local sup = superseded or { '', '' }
+  if s.conn_id ~= nil and (moved or full) then conn_expiry = expiry end
+  local sup = superseded or { '', '', '' }
   -- Numbers go back as integer replies (cheaper than formatting them).
   return {
     phy, 'i', online and '1' or '0', rev, lc, changed and '1' or '0', reason,
     due, newest(s), s.epoch or '0', s.conn_id or '', s.server_id or '',
     live and '1' or '0', sup[1], sup[2], conn_expiry, num(s.since) or NOW,
-    full and '1' or '0',
+    full and '1' or '0', sup[3],
   }
 end
 
@@ -368,8 +371,9 @@ end
 -- its reason (a view without any sign of life yet, whose reason is
 -- never_seen, takes the full path). last_seen also takes SEEN. Returns the
 -- record, a connection-key touch record, or nil when nothing outside the
--- slot needs doing. force: always return the full record (redelivered
--- entries). Heartbeats do not come here: the seen set takes those of
+-- slot needs doing. force: always return the full record, with binding
+-- maintenance (redelivered entries: the first delivery may have bound the
+-- view and lost its writes outside the slot). Heartbeats do not come here: the seen set takes those of
 -- devices online at an epoch at least theirs, the full merge the others.
 local function beat(key, phy, ev, force)
   local cur = redis.call('HMGET', key, 'epoch', 'last_seen', 'conn_id')
@@ -389,12 +393,12 @@ local function beat(key, phy, ev, force)
   if force or (stale and within(NOW, t, P.hb)) then
     local ttl = nil
     if refresh then ttl = 'event' end
-    return settle(key, phy, load(key), writes(), ev.kind, ttl, false, nil)
+    return settle(key, phy, load(key), writes(), ev.kind, ttl, force, nil)
   end
   if refresh then
     redis.call('PEXPIRE', key, TTL)
     if cur[3] then
-      return { phy, 'n', '', '', '', '', '', '', '', '', cur[3], '', '', '', '', NOW + TTL, '', '0' }
+      return { phy, 'n', '', '', '', '', '', '', '', '', cur[3], '', '', '', '', NOW + TTL, '', '0', '' }
     end
   end
   return nil

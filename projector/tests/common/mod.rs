@@ -516,6 +516,73 @@ pub async fn snapshot(
     )
 }
 
+/// The instances' connection sets (instance -> members) and the connection
+/// keys of the views' bound connections (conn -> phy): the views outside
+/// the devices' slots.
+pub type Links = (
+    BTreeMap<String, BTreeSet<String>>,
+    BTreeMap<String, Option<String>>,
+);
+
+/// The [`Links`] under `keys`: every non-empty connection set found, and
+/// the connection key of each view's bound connection.
+pub async fn links(conn: &mut ConnectionManager, keys: &Keys) -> Links {
+    let mut names: Vec<String> = Vec::new();
+    {
+        let mut it: redis::AsyncIter<'_, String> =
+            conn.scan_match(keys.server_pattern()).await.expect("scan");
+        while let Some(k) = it.next_item().await {
+            names.push(k.expect("key"));
+        }
+    }
+    let mut sets = BTreeMap::new();
+    for k in names.iter().filter(|k| k.ends_with(":conns")) {
+        let m: BTreeSet<String> = conn.smembers(k).await.expect("smembers");
+        if !m.is_empty() {
+            sets.insert(k.clone(), m);
+        }
+    }
+    let mut conn_keys = BTreeMap::new();
+    for (_, (fields, _, _)) in all_views(conn, keys).await {
+        if let Some(id) = fields.get(field::CONN_ID) {
+            let id = Uuid::parse_str(id).expect("conn id");
+            let owner: Option<String> = conn.get(keys.conn(&id)).await.expect("get");
+            conn_keys.insert(id.to_string(), owner);
+        }
+    }
+    (sets, conn_keys)
+}
+
+/// The [`Links`] that views imply: each live bound connection (epoch above
+/// 0, not ended) in its instance's set, each bound connection's key naming
+/// its device.
+pub fn links_of(
+    keys: &Keys,
+    views: &BTreeMap<String, (BTreeMap<String, String>, String, String)>,
+) -> Links {
+    let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut conn_keys = BTreeMap::new();
+    for (p, (f, _, _)) in views {
+        let Some(c) = f.get(field::CONN_ID) else {
+            continue;
+        };
+        conn_keys.insert(c.clone(), Some(p.clone()));
+        let epoch: u64 = f
+            .get(field::EPOCH)
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(0);
+        if let Some(s) = f.get(field::SERVER_ID)
+            && epoch > 0
+            && !f.contains_key(field::ENDED)
+        {
+            sets.entry(keys.server_conns(&srv(s)))
+                .or_default()
+                .insert(c.clone());
+        }
+    }
+    (sets, conn_keys)
+}
+
 /// The environment that points an `iot-projector` process at this Redis
 /// and prefix (plus `extra`).
 pub fn process_env(
