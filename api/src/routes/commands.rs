@@ -480,9 +480,18 @@ pub async fn submit(
         ttl,
         queue_if_offline: req.queue_if_offline,
     };
+    // The submission runs in a task of its own (see `route::submit`): when
+    // Redis is too slow to answer in time it may still create the command,
+    // so the client is told to look before it sends the command again.
     let cmd = state
         .redis(async { Ok(route::submit(&state.commands, new).await?) })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            ApiError::RedisUnavailable(why) => ApiError::RedisUnavailable(format!(
+                "{why}; the command may have been created all the same: look at GET /api/devices/{phy}/commands before sending it again"
+            )),
+            other => other,
+        })?;
     tracing::info!(
         id = %cmd.id,
         phy_id = %phy,
