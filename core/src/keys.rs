@@ -224,6 +224,14 @@ impl Keys {
         self.k(format_args!("commands:open"))
     }
 
+    /// Stream of event entries the projectors gave up on (Redis refused to
+    /// apply them as data, e.g. `WRONGTYPE` on a key someone overwrote):
+    /// fields `shard`, `id` (the event entry), `error`, `e` (its bytes).
+    /// Capped with `MAXLEN ~` by its writer.
+    pub fn projector_dead_letters(&self) -> String {
+        self.k(format_args!("stream:dead:projector"))
+    }
+
     /// Stream of command state changes, archived to the command log.
     pub fn command_events(&self) -> String {
         self.k(format_args!("stream:commands"))
@@ -299,6 +307,7 @@ mod tests {
         let k = Keys::default();
         assert_eq!(k.events(7), "stream:events:{7}");
         assert_eq!(k.lifecycle(7), "stream:lifecycle:{7}");
+        assert_eq!(k.projector_dead_letters(), "stream:dead:projector");
         assert_eq!(k.online(7), "presence:online:{7}");
         assert_eq!(k.presence_rev(7), "presence:rev:{7}");
         assert_eq!(k.due(7), "presence:due:{7}");

@@ -11,6 +11,14 @@
 //! logged and counted, and the operation is retried with backoff until it
 //! succeeds or the service stops; a batch that is interrupted is simply
 //! delivered again later (every step is idempotent).
+//!
+//! One exception keeps a single bad entry from stalling the whole group (and
+//! then every projector that claims it): when Redis refuses a batch as data
+//! ([`is_refused_as_data`], e.g. `WRONGTYPE` on a device key someone
+//! overwrote) [`REFUSALS_BEFORE_ISOLATING`] times in a row, the batch is
+//! applied one entry at a time, and an entry that Redis still refuses on its
+//! own that often is moved to `stream:dead:projector` (logged, counted in
+//! `iot_projector_dead_letters_total`) and acknowledged with the rest.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::metrics;
-use crate::projection::{Item, Lifecycle, Projection};
+use crate::projection::{Applied, Item, Lifecycle, Projection};
 use crate::stream::{self, Payload, StreamEntry};
 
 /// Name of the health check the consumer keeps.
@@ -32,6 +40,53 @@ pub const HEALTH_CHECK: &str = "projector";
 
 /// Most entries claimed from one shard per claim round.
 const CLAIM_ROUND_MAX: usize = 10_000;
+
+/// Refusals as data in a row before a batch is applied entry by entry, and
+/// before an entry refused on its own goes to the dead-letter stream.
+pub const REFUSALS_BEFORE_ISOLATING: u32 = 3;
+
+/// Cap (`MAXLEN ~`) of the dead-letter stream.
+const DEAD_LETTERS_MAX: usize = 10_000;
+
+/// Whether Redis refused a command for what it was given (a reply error
+/// that the same entry will meet every time), rather than for its own state
+/// or reach, which waiting cures: out of memory, a failing disk (`MISCONF`),
+/// a busy script, a read-only replica, loading, a lost function library,
+/// authentication or connection trouble are not refusals as data.
+pub fn is_refused_as_data(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    if crate::script::is_noscript(e) {
+        return false;
+    }
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Extension => !matches!(
+            e.code(),
+            Some(
+                "OOM"
+                    | "MISCONF"
+                    | "BUSY"
+                    | "NOREPLICAS"
+                    | "NOAUTH"
+                    | "WRONGPASS"
+                    | "UNBLOCKED"
+                    | "MASTERDOWN"
+                    | "LOADING"
+                    | "READONLY"
+            )
+        ),
+        _ => false,
+    }
+}
+
+/// Adds what `more` did to `total`.
+fn add_applied(total: &mut Applied, more: Applied) {
+    total.events += more.events;
+    total.bad_events += more.bad_events;
+    total.flips.extend(more.flips);
+    total.evaluated += more.evaluated;
+    total.seen_only += more.seen_only;
+}
 
 /// The consumer loop's state.
 pub struct Consumer {
@@ -319,15 +374,119 @@ impl Consumer {
         }
     }
 
+    /// Applies `items` one at a time, after Redis refused their batch as
+    /// data: an item it refuses on its own [`REFUSALS_BEFORE_ISOLATING`]
+    /// times in a row goes to the dead-letter stream, the others are
+    /// applied; other errors are retried as ever. `None`: the service is
+    /// stopping (the batch stays pending).
+    async fn isolate(
+        &self,
+        conn: &mut ConnectionManager,
+        items: &[Item],
+        origin: &[&StreamEntry],
+    ) -> Option<Applied> {
+        let mut total = Applied::default();
+        for (item, entry) in items.iter().zip(origin) {
+            let mut backoff = Backoff::default();
+            let mut refused = 0u32;
+            loop {
+                let now = iot_core::time::now_ms();
+                match self
+                    .projection
+                    .apply(conn, std::slice::from_ref(item), Lifecycle::Emit, now)
+                    .await
+                {
+                    Ok(a) => {
+                        add_applied(&mut total, a);
+                        break;
+                    }
+                    Err(e)
+                        if is_refused_as_data(&e) && refused + 1 >= REFUSALS_BEFORE_ISOLATING =>
+                    {
+                        if !self.dead_letter(conn, entry, &e).await {
+                            return None;
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        if is_refused_as_data(&e) {
+                            refused += 1;
+                        } else {
+                            refused = 0;
+                        }
+                        self.failed("apply", &e, &backoff);
+                        if !backoff.wait(&self.shutdown).await {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// Moves `entry` to the dead-letter stream (retried until written);
+    /// false: the service is stopping.
+    async fn dead_letter(
+        &self,
+        conn: &mut ConnectionManager,
+        entry: &StreamEntry,
+        error: &RedisError,
+    ) -> bool {
+        let bytes: &[u8] = match &entry.payload {
+            Payload::Bytes(b) => b,
+            Payload::Missing | Payload::Deleted => &[],
+        };
+        let key = self.projection.settings().keys.projector_dead_letters();
+        let mut backoff = Backoff::default();
+        loop {
+            let written: RedisResult<Value> = redis::cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(DEAD_LETTERS_MAX)
+                .arg("*")
+                .arg("shard")
+                .arg(entry.shard)
+                .arg("id")
+                .arg(&entry.id)
+                .arg("error")
+                .arg(error.to_string())
+                .arg("e")
+                .arg(bytes)
+                .query_async(conn)
+                .await;
+            match written {
+                Ok(_) => {
+                    metrics::dead_letter();
+                    tracing::error!(shard = entry.shard, id = %entry.id, error = %error, dead_letters = %key,
+                        "Redis refuses to apply this event entry; moved it to the dead-letter stream and acknowledged it");
+                    return true;
+                }
+                Err(e) => {
+                    self.failed("dead_letter", &e, &backoff);
+                    if !backoff.wait(&self.shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies entries, then acknowledges them. Retries until done or the
     /// service stops (then the entries stay pending for a later delivery).
     async fn process(&self, entries: Vec<StreamEntry>, redelivered: bool) {
         let started = Instant::now();
         let mut items = Vec::with_capacity(entries.len());
+        // The stream entry of each item (for the dead-letter stream).
+        let mut origin = Vec::with_capacity(entries.len());
         let mut bad = 0u64;
         for e in &entries {
             match stream::decode(&e.payload) {
-                Ok(Some(entry)) => items.push(Item { entry, redelivered }),
+                Ok(Some(entry)) => {
+                    items.push(Item { entry, redelivered });
+                    origin.push(e);
+                }
                 Ok(None) => {}
                 Err(err) => {
                     bad += 1;
@@ -338,6 +497,7 @@ impl Consumer {
         }
         let mut conn = self.redis.get();
         let mut backoff = Backoff::default();
+        let mut refused = 0u32;
         let applied = loop {
             let now = iot_core::time::now_ms();
             match self
@@ -348,6 +508,17 @@ impl Consumer {
                 Ok(a) => break a,
                 Err(e) => {
                     self.failed("apply", &e, &backoff);
+                    if is_refused_as_data(&e) {
+                        refused += 1;
+                        if refused >= REFUSALS_BEFORE_ISOLATING {
+                            match self.isolate(&mut conn, &items, &origin).await {
+                                Some(a) => break a,
+                                None => return,
+                            }
+                        }
+                    } else {
+                        refused = 0;
+                    }
                     if !backoff.wait(&self.shutdown).await {
                         return;
                     }

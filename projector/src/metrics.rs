@@ -24,6 +24,8 @@ pub const REAPED_SESSIONS: &str = "iot_projector_reaped_sessions_total";
 pub const CLAIMED_ENTRIES: &str = "iot_projector_claimed_entries_total";
 /// Entries (or events) that could not be projected and were acknowledged.
 pub const BAD_ENTRIES: &str = "iot_projector_bad_entries_total";
+/// Event entries Redis refused as data, moved to the dead-letter stream.
+pub const DEAD_LETTERS: &str = "iot_projector_dead_letters_total";
 /// Redis errors, by operation (`op` label); the operation is retried.
 pub const REDIS_ERRORS: &str = "iot_projector_redis_errors_total";
 /// Devices evaluated because their state may change with time.
@@ -68,6 +70,10 @@ pub fn describe() {
         BAD_ENTRIES,
         "Stream entries or events that could not be projected (acknowledged and skipped)"
     );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Event entries Redis refused to apply as data, moved to stream:dead:projector and acknowledged"
+    );
     describe_counter!(REDIS_ERRORS, "Redis errors by operation (each is retried)");
     describe_counter!(
         DUE_EVALUATIONS,
@@ -96,6 +102,11 @@ pub fn transition(online: bool, reason: &str) {
 /// Counts bad entries.
 pub fn bad_entries(n: u64) {
     metrics::counter!(BAD_ENTRIES).increment(n);
+}
+
+/// Counts one entry moved to the dead-letter stream.
+pub fn dead_letter() {
+    metrics::counter!(DEAD_LETTERS).increment(1);
 }
 
 /// Counts a Redis error of operation `op`.
