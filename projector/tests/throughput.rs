@@ -23,21 +23,20 @@
 //! has far more full merges than real traffic (a fifth of its events), and
 //! its timeout (10 min) is longer than the run, so no device is due.
 //!
-//! The figures below were measured before heartbeats moved to the seen set
-//! (each heartbeat was then a device function call) and are stale; they
-//! are kept until they are measured again on the 2-core development
-//! machine (Redis 7.0, 16 shards, 348,858 events: 20,000 devices, about
-//! 82% heartbeats in batches of 50):
+//! Measured 2026-12-07 on the 2-core development machine (Redis 7.0.15,
+//! 16 shards, 348,858 events: 20,000 devices, about 82% heartbeats in
+//! batches of 50), release build of commit 37cb1a9, three runs, median
+//! (the figures are also in BENCHMARKS.md):
 //!
-//! | build   | projectors | events/s | Redis CPU per event |
-//! |---------|-----------:|---------:|--------------------:|
-//! | release | 1          | 85,500   | 8.9 µs              |
-//! | release | 2          | 74,800   | 10.3 µs             |
-//! | debug   | 1          | 31,100   | 10.5 µs             |
-//! | debug   | 2          | 35,900   | 10.6 µs             |
+//! | projectors | events/s | Redis CPU per event | before the seen set (2026-11-26) |
+//! |-----------:|---------:|--------------------:|---------------------------------:|
+//! | 1          | 130,371  | 6.01 µs             | 85,500 (8.9 µs)                  |
+//! | 2          | 150,565  | 5.90 µs             | 74,800 (10.3 µs)                 |
 //!
-//! Redis was the bottleneck (one core), so a second projector on the same
-//! two cores only added contention.
+//! Redis is the bottleneck (the device function's full merges of the
+//! workload's many connects, drops and ACK timeouts: `FCALL` is 16 µs per
+//! call); a second projector on the same two cores adds a little by
+//! overlapping its round trips with the first one's.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;

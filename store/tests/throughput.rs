@@ -33,6 +33,11 @@
 //! (`psql --version`) and the commit, in BENCHMARKS.md; run it two or three
 //! times and give the median (the first run also creates the day
 //! partitions and warms PostgreSQL's cache).
+//!
+//! Measured 2026-12-07 on the 2-core development machine (PostgreSQL 15.20,
+//! Redis 7.0.15, release build of commit 37cb1a9), median of three runs:
+//! single events 48,366 rows/s (45,566-50,889), heartbeat batches of 100
+//! 118,055 rows/s (116,832-123,808).
 
 use std::time::{Duration, Instant};
 
