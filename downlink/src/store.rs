@@ -56,7 +56,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use iot_core::config::{Config, DownlinkConfig, StreamsConfig};
+use iot_core::config::{Config, DownlinkConfig, StreamCap, StreamsConfig};
 use iot_core::{Keys, PhyId};
 use iot_service::RedisPool;
 use redis::Script;
@@ -77,9 +77,10 @@ pub struct Settings {
     pub retention: Duration,
     /// Unacknowledged commands per device.
     pub max_inflight: u32,
-    /// `MAXLEN ~` of `stream:commands`; `None` when the archive is on (its
-    /// archiver trims the stream below what it has stored).
-    pub stream_maxlen: Option<u64>,
+    /// `MAXLEN ~` of `stream:commands`, read at each write; none when the
+    /// archive is on or an archiver has been seen (the archiver trims the
+    /// stream below what it has stored).
+    pub stream_maxlen: StreamCap,
 }
 
 impl From<&DownlinkConfig> for Settings {
@@ -92,18 +93,18 @@ impl From<&DownlinkConfig> for Settings {
             default_ttl: c.queue_ttl,
             retention: c.retention,
             max_inflight: c.max_inflight,
-            stream_maxlen: Some(StreamsConfig::default().maxlen),
+            stream_maxlen: StreamCap::fixed(Some(StreamsConfig::default().maxlen)),
         }
     }
 }
 
 impl Settings {
     /// The `downlink` section, with `stream:commands` trimmed as the event
-    /// streams are: by `streams.maxlen` without the archive, by the
-    /// archiver with it.
+    /// streams are: by `streams.maxlen` without the archive until an
+    /// archiver is seen, by the archiver with it.
     pub fn from_config(config: &Config) -> Self {
         Self {
-            stream_maxlen: config.stream_maxlen(),
+            stream_maxlen: config.stream_cap(),
             ..Self::from(&config.downlink)
         }
     }
@@ -652,7 +653,7 @@ impl CommandStore {
         extra: &[(&str, &[u8])],
     ) {
         let cmd = pipe.cmd("XADD").arg(self.keys.command_events());
-        if let Some(maxlen) = self.settings.stream_maxlen {
+        if let Some(maxlen) = self.settings.stream_maxlen.get() {
             cmd.arg("MAXLEN").arg("~").arg(maxlen);
         }
         cmd.arg("*").arg("id").arg(id.to_string());
@@ -998,10 +999,14 @@ mod tests {
     fn command_stream_is_capped_only_without_the_archive() {
         let mut c = Config::default();
         c.streams.maxlen = 5_000;
-        assert_eq!(Settings::from_config(&c).stream_maxlen, Some(5_000));
+        let s = Settings::from_config(&c);
+        assert_eq!(s.stream_maxlen.get(), Some(5_000));
+        c.streams.archiver_seen.set();
+        assert_eq!(s.stream_maxlen.get(), None, "an archiver seen later");
+        c.streams.archiver_seen = iot_core::config::ArchiverSeen::new(false);
         c.database.url = "postgres://postgres@127.0.0.1/test".into();
         let s = Settings::from_config(&c);
-        assert_eq!(s.stream_maxlen, None, "the archiver trims");
+        assert_eq!(s.stream_maxlen.get(), None, "the archiver trims");
         assert_eq!(s.queue_max, c.downlink.queue_max);
     }
 }

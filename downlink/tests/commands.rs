@@ -20,7 +20,7 @@ fn settings() -> Settings {
         default_ttl: Duration::from_secs(60),
         retention: Duration::from_secs(60),
         max_inflight: 4,
-        stream_maxlen: Some(10_000),
+        stream_maxlen: iot_core::config::StreamCap::fixed(Some(10_000)),
     }
 }
 

@@ -6,9 +6,10 @@
 //! until `streams.batch_max` entries are ready or `streams.flush_interval`
 //! has passed since the first, then writes them with one pipelined round of
 //! `XADD stream:events:{shard} MAXLEN ~ <maxlen> * e <entry>`; with the
-//! PostgreSQL archive (`database.url` set) without `MAXLEN`, since the
-//! archiver then trims the streams below what every consumer group has
-//! processed (see [`iot_core::Config::stream_maxlen`]).
+//! PostgreSQL archive (`database.url` set), or once an archiver has been
+//! seen on this Redis, without `MAXLEN`, since the archiver then trims the
+//! streams below what every consumer group has processed (the cap is read
+//! at each flush, see [`iot_core::Config::stream_cap`]).
 //!
 //! Heartbeats coalesce: per flush only the newest heartbeat of each device is
 //! kept ([`Pending`]), and they travel together in as few `Entry::Heartbeats`
@@ -30,6 +31,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
+use iot_core::config::StreamCap;
 use iot_core::event::{ENTRY_FIELD, Heartbeat, HeartbeatBatch};
 use iot_core::{Entry, Event, EventKind, Keys, PhyId, ServerId};
 use iot_service::{Health, RedisPool, Status};
@@ -242,8 +244,9 @@ impl Batch {
 pub struct WriterConfig {
     /// Number of shards.
     pub shards: u16,
-    /// `MAXLEN ~` per shard; `None`: no cap (the archiver trims).
-    pub maxlen: Option<u64>,
+    /// `MAXLEN ~` per shard, read at each flush; none: no cap (the
+    /// archiver trims).
+    pub maxlen: StreamCap,
     /// Most events per flush.
     pub batch_max: usize,
     /// Longest wait before a flush.
@@ -264,7 +267,7 @@ impl WriterConfig {
         Self {
             write_timeout,
             shards: c.shards.max(1),
-            maxlen: config.stream_maxlen(),
+            maxlen: config.stream_cap(),
             batch_max: (c.batch_max as usize).max(1),
             flush_interval: c.flush_interval,
             buffer_max: (c.buffer_max as usize).max(1),
@@ -567,11 +570,12 @@ impl Writer {
     async fn write(&mut self, entries: &[(u16, Entry)], buf: &mut Vec<Item>) -> Result<(), String> {
         let mut pipe = redis::pipe();
         let mut bytes = Vec::with_capacity(128);
+        let maxlen = self.cfg.maxlen.get();
         for (shard, entry) in entries {
             bytes.clear();
             entry.encode_into(&mut bytes);
             let xadd = pipe.cmd("XADD").arg(&self.stream_keys[usize::from(*shard)]);
-            if let Some(maxlen) = self.cfg.maxlen {
+            if let Some(maxlen) = maxlen {
                 xadd.arg("MAXLEN").arg("~").arg(maxlen);
             }
             xadd.arg("*").arg(ENTRY_FIELD).arg(&bytes[..]).ignore();

@@ -6,7 +6,8 @@
 //! is published on Redis; during a PostgreSQL outage known devices keep
 //! connecting and unknown ones get CONNACK 3, both without waiting for the
 //! database. Also: the ingest leaves stream trimming to the archiver when
-//! PostgreSQL is configured.
+//! PostgreSQL is configured, and, without it, from the moment an archiver
+//! marks the archive on (no restart).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -513,4 +514,56 @@ async fn with_the_archive_configured_streams_are_left_to_the_archiver_to_trim() 
         lens[1] >= written,
         "nothing trimmed by the ingest: {lens:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_ingest_stops_capping_once_an_archiver_marks_the_archive_on() {
+    let redis = RedisServer::start();
+    let mut conn = common::redis_conn(&redis.url()).await;
+    // Ten entries per node: `MAXLEN ~ 1` keeps at most ten per shard.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stream-node-max-entries")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let capped_bound = 10 * u64::from(common::SHARDS);
+    let prefix = unique_prefix();
+    // Open mode, no `database.url`, no archiver yet: the ingest caps.
+    let ingest = Ingest::start(&redis.url(), "cap-srv", move |c| {
+        c.redis.key_prefix = prefix;
+        c.streams.maxlen = 1;
+        c.streams.shards = common::SHARDS;
+    })
+    .await;
+    uplinks(&ingest.mqtt, 200).await;
+    let capped = stream_len(&mut conn, &ingest.keys).await;
+    assert!(capped <= capped_bound, "MAXLEN ~ 1 trims: {capped}");
+
+    // An archiver marks the archive on: within a re-read of the marker the
+    // running ingest writes without MAXLEN, and the streams keep growing.
+    iot_store::trim::mark_archive_on(&mut conn, &ingest.keys)
+        .await
+        .unwrap();
+    let (mqtt, keys, probe) = (ingest.mqtt.as_str(), &ingest.keys, conn.clone());
+    let grown = eventually(
+        iot_service::startup::ARCHIVER_POLL * 10,
+        "the ingest stops capping the event streams",
+        move || {
+            let mut conn = probe.clone();
+            async move {
+                uplinks(mqtt, 100).await;
+                let len = stream_len(&mut conn, keys).await;
+                if len > 2 * capped_bound + 100 {
+                    Ok(len)
+                } else {
+                    Err(len)
+                }
+            }
+        },
+    )
+    .await;
+    assert!(grown > capped_bound, "{grown}");
+    ingest.stop().await.unwrap();
 }

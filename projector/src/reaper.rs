@@ -171,7 +171,7 @@ impl Reaper {
                 let xadd = pipe
                     .cmd("XADD")
                     .arg(k.events(shard_of(phy.as_str(), s.shards)));
-                if let Some(maxlen) = s.maxlen {
+                if let Some(maxlen) = s.maxlen.get() {
                     xadd.arg("MAXLEN").arg("~").arg(maxlen);
                 }
                 xadd.arg("*")

@@ -289,7 +289,7 @@ impl Scripts {
         ];
         let mut cmd = self.fcall("index", &keys);
         // '' for no cap: the archiver trims.
-        cmd.arg(s.maxlen.map(|m| m.to_string()).unwrap_or_default())
+        cmd.arg(s.maxlen.get().map(|m| m.to_string()).unwrap_or_default())
             .arg(if quiet { "1" } else { "0" })
             .arg(now_ms)
             .arg(s.policy.heartbeat_timeout_ms);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use iot_core::config::millis;
+use iot_core::config::{StreamCap, millis};
 use iot_core::{Config, Keys, Policy, ServerId};
 
 /// Largest window or timestamp magnitude (ms) handed to the Lua scripts:
@@ -46,9 +46,10 @@ pub struct Settings {
     /// TTL of an ingest's liveness key, ms.
     pub liveness_ttl_ms: i64,
     /// Approximate length cap of the lifecycle streams (and of the event
-    /// streams, for the reaper's events); `None` when the archive is on, so
-    /// that only the archiver trims (below what it has stored).
-    pub maxlen: Option<u64>,
+    /// streams, for the reaper's events), read at each write; none when the
+    /// archive is on or an archiver has been seen, so that only the archiver
+    /// trims (below what it has stored).
+    pub maxlen: StreamCap,
 }
 
 impl Settings {
@@ -80,7 +81,7 @@ impl Settings {
             reaper_interval: p.reaper_interval.max(Duration::from_millis(10)),
             lag_interval: p.lag_interval.max(Duration::from_millis(10)),
             liveness_ttl_ms: millis(config.session.liveness_ttl),
-            maxlen: config.stream_maxlen(),
+            maxlen: config.stream_cap(),
         }
     }
 
@@ -117,11 +118,12 @@ mod tests {
     fn lifecycle_streams_are_capped_only_without_the_archive() {
         let mut c = Config::default();
         let id = ServerId::new("p-1").expect("valid id");
-        assert_eq!(
-            Settings::from_config(&c, &id).maxlen,
-            Some(c.streams.maxlen)
-        );
+        let s = Settings::from_config(&c, &id);
+        assert_eq!(s.maxlen.get(), Some(c.streams.maxlen));
+        c.streams.archiver_seen.set();
+        assert_eq!(s.maxlen.get(), None, "an archiver seen later lifts the cap");
         c.database.url = "postgres://postgres@127.0.0.1/test".into();
-        assert_eq!(Settings::from_config(&c, &id).maxlen, None);
+        c.streams.archiver_seen = iot_core::config::ArchiverSeen::new(false);
+        assert_eq!(Settings::from_config(&c, &id).maxlen.get(), None);
     }
 }

@@ -1,8 +1,9 @@
 //! The start of every service: config, logging, server id, Redis.
 
 use std::path::Path;
+use std::time::Duration;
 
-use iot_core::config::{ConfigError, LogConfig, LogFormat};
+use iot_core::config::{ArchiverSeen, ConfigError, LogConfig, LogFormat};
 use iot_core::{Config, ServerId};
 use tracing_subscriber::EnvFilter;
 
@@ -54,7 +55,9 @@ pub struct Context {
 
 impl Context {
     /// Resolves the server id, connects to Redis (required) and starts the
-    /// Redis health probe.
+    /// Redis health probe; while this service caps its streams, it also
+    /// looks for an archiver every [`ARCHIVER_POLL`] (see
+    /// [`Config::stream_cap`]).
     pub async fn start(
         config: Config,
         shutdown: tokio_util::sync::CancellationToken,
@@ -62,8 +65,10 @@ impl Context {
         let mut config = config;
         let server_id = server_id(&config).map_err(anyhow::Error::msg)?;
         let redis = crate::redis::RedisPool::connect(&config.redis).await?;
+        // Its own flag: configs cloned before do not follow this service's.
+        config.streams.archiver_seen = ArchiverSeen::new(false);
         if config.stream_maxlen().is_some() {
-            config.streams.archive_marked = archive_marked(&redis, &config).await;
+            watch_for_an_archiver(&redis, &config, shutdown.clone()).await;
         }
         let health = crate::health::Health::default();
         health.set("redis", crate::health::Status::Ok, None, None);
@@ -97,28 +102,73 @@ impl Context {
     }
 }
 
+/// How often a service that caps its streams looks for an archiver's
+/// marker again.
+pub const ARCHIVER_POLL: Duration = Duration::from_secs(2);
+
 /// Whether an archiver has marked the archive on in this Redis (its
 /// `archive:on` key): then no writer may cap the streams, whatever its own
-/// `database.url` says, or entries could leave before they are archived. Read
-/// once at start; a Redis error keeps the configured cap.
-async fn archive_marked(redis: &crate::redis::RedisPool, config: &Config) -> bool {
-    let mut conn = redis.get();
-    match redis::cmd("EXISTS")
-        .arg(config.keys().archive_marker())
-        .query_async::<bool>(&mut conn)
-        .await
-    {
+/// `database.url` says, or entries could leave before they are archived.
+///
+/// Read at start; while the marker is absent (or cannot be read: the
+/// configured cap stays) a task re-reads it every [`ARCHIVER_POLL`] until it
+/// appears or `shutdown`. Once seen, `config.streams.archiver_seen` is set
+/// and every writer's [`StreamCap`](iot_core::config::StreamCap) reads no
+/// cap from its next write on, for the life of the process: an archiver
+/// that stops for a while (its marker expiring) must not make writers trim
+/// entries it has not stored.
+async fn watch_for_an_archiver(
+    redis: &crate::redis::RedisPool,
+    config: &Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let key = config.keys().archive_marker();
+    let seen = config.streams.archiver_seen.clone();
+    match archive_marked(redis, &key).await {
         Ok(true) => {
+            seen.set();
             tracing::info!(
                 "an archiver runs on this Redis: the streams this service writes are not capped with MAXLEN (the archiver trims them)"
             );
-            true
+            return;
         }
-        Ok(false) => false,
+        Ok(false) => {}
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the archive marker; capping the streams as configured");
-            false
+            tracing::warn!(error = %e, "cannot read the archive marker; capping the streams as configured until it can be read");
         }
+    }
+    let redis = redis.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(ARCHIVER_POLL) => {}
+            }
+            match archive_marked(&redis, &key).await {
+                Ok(true) => {
+                    seen.set();
+                    tracing::info!(
+                        "an archiver now runs on this Redis: the streams this service writes are no longer capped with MAXLEN (the archiver trims them)"
+                    );
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the archive marker; still capping the streams");
+                }
+            }
+        }
+    });
+}
+
+/// Whether the archive marker `key` exists, within [`ARCHIVER_POLL`].
+async fn archive_marked(redis: &crate::redis::RedisPool, key: &str) -> Result<bool, String> {
+    let mut conn = redis.get();
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(key);
+    match tokio::time::timeout(ARCHIVER_POLL, exists.query_async::<bool>(&mut conn)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {ARCHIVER_POLL:?}")),
     }
 }
 

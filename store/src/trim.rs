@@ -15,9 +15,11 @@
 //! first entry lies beyond the archive group's position, and the stream has
 //! lost more entries than the group ever read. The archiver counts them in
 //! `iot_archive_entries_lost_total` and reports the `archive_gaps` check
-//! degraded. Writers avoid it: every service looks for the [archive
-//! marker](archive_is_on) at start (`iot_service::startup::Context::start`)
-//! and then writes without `MAXLEN`.
+//! degraded. Writers avoid it: every service that caps looks for the
+//! [archive marker](archive_is_on) at start and then every
+//! `iot_service::startup::ARCHIVER_POLL` (`Context::start`), and once it
+//! has seen it writes without `MAXLEN` for the rest of its life. Only what
+//! a writer trims before it notices a new archiver can still be lost.
 
 use std::time::Duration;
 

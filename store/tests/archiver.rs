@@ -217,7 +217,7 @@ fn command_store(pool: &RedisPool) -> iot_downlink::CommandStore {
         pool.clone(),
         Keys::default(),
         iot_downlink::Settings {
-            stream_maxlen: None,
+            stream_maxlen: iot_core::config::StreamCap::fixed(None),
             ..iot_downlink::Settings::from(&iot_core::config::DownlinkConfig::default())
         },
     )
@@ -546,7 +546,7 @@ async fn lifecycle_and_command_streams_are_trimmed_only_after_they_are_archived(
         pool.clone(),
         keys.clone(),
         Settings {
-            stream_maxlen: None,
+            stream_maxlen: iot_core::config::StreamCap::fixed(None),
             ..Settings::from(&iot_core::config::DownlinkConfig::default())
         },
     );

@@ -220,31 +220,104 @@ async fn entries_a_writer_trims_before_the_archive_reads_them_are_counted() {
     );
 }
 
+async fn xlen(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
+}
+
+/// Submits a command for an offline device (it fails at once): each one
+/// appends to `stream:commands`, capped as the store's settings say.
+async fn submit(commands: &iot_downlink::CommandStore, i: usize) {
+    let new = iot_downlink::NewCommand {
+        phy_id: iot_core::PhyId::new(format!("cap-dev-{i}")).expect("phy"),
+        name: "reboot".into(),
+        payload: vec![],
+        ttl: None,
+        queue_if_offline: false,
+    };
+    iot_downlink::route::submit(commands, new)
+        .await
+        .expect("submit");
+}
+
 #[tokio::test]
 async fn writers_drop_their_maxlen_once_an_archiver_marked_the_archive_on() {
+    const MAXLEN: u64 = 4;
     let redis = RedisServer::start();
+    // Two entries per node: `MAXLEN ~ 4` keeps fewer than 4 + 2 entries.
     let mut conn = conn(&redis).await;
     let keys = iot_core::Keys::new("w:").expect("prefix");
     // A service without `database.url` (an ingest in open mode) caps...
     let mut config = iot_core::Config::default();
     config.redis.url = redis.url();
     config.redis.key_prefix = "w:".into();
-    config.streams.maxlen = 1000;
-    let start = |config: iot_core::Config| async move {
-        let token = tokio_util::sync::CancellationToken::new();
-        let ctx = iot_service::startup::Context::start(config, token.clone())
-            .await
-            .expect("context");
-        token.cancel();
-        ctx.config.stream_maxlen()
-    };
+    config.streams.maxlen = MAXLEN;
     assert!(!trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
-    assert_eq!(start(config.clone()).await, Some(1000));
-    // ...until an archiver has marked the archive on: then it leaves
-    // trimming to the archiver.
+    let token = tokio_util::sync::CancellationToken::new();
+    let ctx = iot_service::startup::Context::start(config.clone(), token.clone())
+        .await
+        .expect("context");
+    assert_eq!(ctx.config.stream_maxlen(), Some(MAXLEN));
+    // A real writer of this service: the command store, on `stream:commands`.
+    let commands = iot_downlink::CommandStore::new(
+        ctx.redis.clone(),
+        ctx.config.keys(),
+        iot_downlink::Settings::from_config(&ctx.config),
+    );
+    let stream = keys.command_events();
+    for i in 0..40 {
+        submit(&commands, i).await;
+    }
+    let capped = xlen(&mut conn, &stream).await;
+    assert!(capped < MAXLEN + 2, "MAXLEN ~ {MAXLEN} caps: {capped}");
+
+    // ...until an archiver marks the archive on: the running writer notices
+    // within a re-read of the marker, without a restart, and leaves trimming
+    // to the archiver.
     trim::mark_archive_on(&mut conn, &keys).await.expect("SET");
     assert!(trim::archive_is_on(&mut conn, &keys).await.expect("GET"));
-    assert_eq!(start(config).await, None);
+    let (writer, key, probe) = (&commands, stream.as_str(), conn.clone());
+    let mut i = 40;
+    let grown = iot_test_support::eventually(
+        iot_service::startup::ARCHIVER_POLL * 5,
+        "the writer stops capping stream:commands",
+        move || {
+            i += 1;
+            let mut conn = probe.clone();
+            async move {
+                submit(writer, i).await;
+                let len = xlen(&mut conn, key).await;
+                if len > 8 * MAXLEN { Ok(len) } else { Err(len) }
+            }
+        },
+    )
+    .await;
+    assert!(grown > 8 * MAXLEN, "{grown}");
+    assert_eq!(ctx.config.stream_maxlen(), None);
+    // Sticky: the writer does not cap again when the marker is gone (an
+    // archiver stopped for a while has not stored what a cap would drop).
+    let _: u64 = redis::cmd("DEL")
+        .arg(keys.archive_marker())
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    for j in 0..10 {
+        submit(&commands, 10_000 + j).await;
+    }
+    assert!(xlen(&mut conn, &stream).await >= grown + 10);
+    token.cancel();
+
+    // A service started while the marker is there does not cap at all.
+    trim::mark_archive_on(&mut conn, &keys).await.expect("SET");
+    let token = tokio_util::sync::CancellationToken::new();
+    let ctx = iot_service::startup::Context::start(config, token.clone())
+        .await
+        .expect("context");
+    token.cancel();
+    assert_eq!(ctx.config.stream_maxlen(), None);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(keys.archive_marker())
         .query_async(&mut conn)

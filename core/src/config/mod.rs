@@ -21,6 +21,8 @@ pub mod duration;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -234,12 +236,79 @@ pub struct StreamsConfig {
     /// makes connections wait (backpressure). Default 65536.
     /// Env `IOT_STREAMS_CHANNEL_CAPACITY`.
     pub channel_capacity: u32,
-    /// Not a config key: set at start when an archiver has marked the
-    /// archive on in Redis (`archive:on`), so that a service without
+    /// Not a config key: whether this process has seen an archiver's
+    /// marker (`archive:on`) in Redis, so that a service without
     /// `database.url` leaves trimming to the archiver too (see
-    /// [`Config::stream_maxlen`]).
+    /// [`Config::stream_cap`]). `iot_service::startup::Context::start` gives
+    /// its config a fresh one, set at start or later by a background re-read
+    /// of the marker; every [`StreamCap`] made from the config follows it.
     #[serde(skip)]
-    pub archive_marked: bool,
+    pub archiver_seen: ArchiverSeen,
+}
+
+/// Whether an archiver has been seen: a flag shared by a service's
+/// [`Config`] and every [`StreamCap`] made from it. Sticky: once set it stays
+/// set for the life of the process, so that an archiver stopped for a while
+/// (its marker expiring) never makes writers trim entries it has not stored.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiverSeen(Arc<AtomicBool>);
+
+impl ArchiverSeen {
+    /// A new flag, independent of every other.
+    pub fn new(seen: bool) -> Self {
+        Self(Arc::new(AtomicBool::new(seen)))
+    }
+
+    /// Whether an archiver has been seen.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Records that an archiver has been seen (for good); true if this call
+    /// set it.
+    pub fn set(&self) -> bool {
+        !self.0.swap(true, Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for ArchiverSeen {
+    /// By value.
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// The `MAXLEN ~` cap a stream writer puts on its streams, read at each
+/// write: `streams.maxlen` until an archiver has been seen
+/// ([`ArchiverSeen`]), then none for good; none from the start when this
+/// service has the archive on itself (`database.url`). Cheap to clone and to
+/// read (one atomic load). Made by [`Config::stream_cap`].
+#[derive(Debug, Clone)]
+pub struct StreamCap {
+    maxlen: Option<u64>,
+    archiver_seen: ArchiverSeen,
+}
+
+impl StreamCap {
+    /// A cap that never changes (`None`: never capped); for tests and tools.
+    pub fn fixed(maxlen: Option<u64>) -> Self {
+        Self {
+            maxlen,
+            archiver_seen: ArchiverSeen::new(false),
+        }
+    }
+
+    /// The cap for the next write, or `None`: write without `MAXLEN`.
+    pub fn get(&self) -> Option<u64> {
+        self.maxlen.filter(|_| !self.archiver_seen.get())
+    }
+}
+
+impl PartialEq<Option<u64>> for StreamCap {
+    /// Compares the current cap.
+    fn eq(&self, other: &Option<u64>) -> bool {
+        self.get() == *other
+    }
 }
 
 /// `downlink:` — commands to devices.
@@ -426,7 +495,7 @@ impl Default for StreamsConfig {
             flush_interval: Duration::from_millis(2),
             buffer_max: 100_000,
             channel_capacity: 65_536,
-            archive_marked: false,
+            archiver_seen: ArchiverSeen::default(),
         }
     }
 }
@@ -649,12 +718,23 @@ impl Config {
         !self.database.url.trim().is_empty()
     }
 
-    /// The `MAXLEN ~` cap the ingest puts on each event stream shard, or
+    /// The `MAXLEN ~` cap the writers put on the streams as of now, or
     /// `None` when the archiver trims them: this service has the archive on
-    /// ([`archive_enabled`](Self::archive_enabled)), or found at start that
-    /// an archiver runs on its Redis (`streams.archive_marked`).
+    /// ([`archive_enabled`](Self::archive_enabled)), or has seen that an
+    /// archiver runs on its Redis (`streams.archiver_seen`). Writers hold a
+    /// [`stream_cap`](Self::stream_cap) instead, which follows the latter.
     pub fn stream_maxlen(&self) -> Option<u64> {
-        (!self.archive_enabled() && !self.streams.archive_marked).then_some(self.streams.maxlen)
+        self.stream_cap().get()
+    }
+
+    /// The live cap for a stream writer: `streams.maxlen` without the
+    /// archive until an archiver is seen (`streams.archiver_seen`, shared
+    /// with this config), then none.
+    pub fn stream_cap(&self) -> StreamCap {
+        StreamCap {
+            maxlen: (!self.archive_enabled()).then_some(self.streams.maxlen),
+            archiver_seen: self.streams.archiver_seen.clone(),
+        }
     }
 
     /// TTL of session keys: 2 x heartbeat timeout.
@@ -1052,6 +1132,26 @@ mod tests {
         c.database.url = "postgres://postgres@127.0.0.1/test".into();
         assert!(c.archive_enabled());
         assert_eq!(c.stream_maxlen(), None, "the archiver trims");
+    }
+
+    #[test]
+    fn a_writer_stops_capping_for_good_once_an_archiver_is_seen() {
+        let mut c = Config::default();
+        c.streams.maxlen = 7;
+        let cap = c.stream_cap();
+        assert_eq!(cap.get(), Some(7));
+        let other = Config::default();
+        assert!(c.streams.archiver_seen.set(), "first sighting");
+        assert!(!c.streams.archiver_seen.set(), "already seen");
+        assert_eq!(cap.get(), None, "the cap made before follows the flag");
+        assert_eq!(c.stream_maxlen(), None);
+        assert_eq!(
+            other.stream_maxlen(),
+            Some(1_000_000),
+            "flags are not shared"
+        );
+        assert_eq!(StreamCap::fixed(Some(3)), Some(3));
+        assert_eq!(StreamCap::fixed(None).get(), None);
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
