@@ -57,9 +57,10 @@ pub fn is_unavailable(e: &StoreError) -> bool {
     }
 }
 
-/// Pings PostgreSQL every `interval` (each ping bounded by `timeout`) and
-/// records the `database` check: ok with the round trip, or degraded with
-/// the error.
+/// Probes PostgreSQL every `interval` (each probe bounded by `timeout`; see
+/// [`iot_store::Store::probe`]) and records the `database` check: ok with
+/// the round trip, or degraded with the error (a schema without its
+/// migrations included).
 pub fn spawn_probe(
     store: Store,
     health: Health,
@@ -75,7 +76,7 @@ pub fn spawn_probe(
         shutdown,
         move || {
             let store = store.clone();
-            async move { store.ping().await }
+            async move { store.probe().await }
         },
     )
 }

@@ -187,6 +187,15 @@ impl From<iot_store::StoreError> for ApiError {
             e @ (E::SchemaOutdated { .. } | E::Migration(_)) => {
                 Self::DatabaseUnavailable(e.to_string())
             }
+            // A table or column of ours is missing: a database that came
+            // back (or was replaced) without the migrations.
+            E::Db(sqlx::Error::Database(d))
+                if d.code().is_some_and(|c| c == "42P01" || c == "42703") =>
+            {
+                Self::DatabaseUnavailable(format!(
+                    "the PostgreSQL schema lacks this service's tables (run `iot-api migrate`): {d}"
+                ))
+            }
             e => Self::Internal(format!("unexpected PostgreSQL answer: {e}")),
         }
     }

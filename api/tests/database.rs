@@ -331,3 +331,56 @@ async fn a_postgres_outage_is_a_quick_503_and_the_api_recovers() {
     api.stop().await;
     drop(pg);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_comes_back_without_migrations_is_reported_as_such() {
+    // A fresh database (no migrations) behind a proxy that is cut at start.
+    let db = TestDb::create().await;
+    let upstream = db
+        .url()
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("host:port in the test database url")
+        .to_owned();
+    let proxy = iot_test_support::TcpProxy::start(&upstream).await;
+    proxy.cut();
+    let url = format!("postgres://postgres@{}/{}", proxy.addr(), db.name());
+    let api = TestApi::start_with(|c| {
+        c.database.url = url;
+        c.database.connect_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (_, health) = api.get_as("/health", None).await;
+    assert_eq!(health["checks"]["database"]["status"], "degraded");
+
+    // It answers again, but without the schema: the probe says so (it
+    // could not check the schema at start), and so do the routes.
+    proxy.restore();
+    eventually(
+        Duration::from_secs(20),
+        "/health names the missing migrations",
+        || async {
+            let (s, h) = api.get_as("/health", None).await;
+            let detail = h["checks"]["database"]["detail"]
+                .as_str()
+                .unwrap_or_default();
+            if s == 503 && detail.contains("migrat") {
+                Ok(())
+            } else {
+                Err((s, h))
+            }
+        },
+    )
+    .await;
+    let (status, body) = api.get("/api/devices").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "database_unavailable", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("iot-api migrate"),
+        "{body}"
+    );
+    api.stop().await;
+}

@@ -210,7 +210,7 @@ pub async fn run(ctx: Context, mqtt: TcpListener, http: TcpListener) -> anyhow::
             background.clone(),
             move || {
                 let store = store.clone();
-                async move { store.ping().await }
+                async move { store.probe().await }
             },
         ));
         let every = reg.ttl();

@@ -45,6 +45,9 @@ pub struct Store {
     pool: PgPool,
     /// Archive partitions known to exist (saves a DDL round trip per batch).
     partitions: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// A schema check has passed (at start, or in [`Store::probe`] once the
+    /// database answered): until then the probe checks the schema too.
+    schema_verified: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
@@ -103,6 +106,7 @@ impl Store {
         Self {
             pool,
             partitions: Default::default(),
+            schema_verified: Default::default(),
         }
     }
 
@@ -139,6 +143,15 @@ impl Store {
     /// Checks that every embedded migration has been applied, so a service
     /// refuses to run against an old schema with a clear message.
     pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let verified = self.check_schema_once().await;
+        if verified.is_ok() {
+            self.schema_verified
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        verified
+    }
+
+    async fn check_schema_once(&self) -> Result<(), StoreError> {
         let applied = self.applied_versions().await?;
         let missing: Vec<String> = MIGRATOR
             .iter()
@@ -183,6 +196,22 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// The health probe: a round trip to the database and, until a schema
+    /// check has passed (a database that did not answer at start), the
+    /// schema check, so a database that comes back without its migrations
+    /// shows as degraded with `SchemaOutdated` (run `iot-api migrate`)
+    /// instead of failing requests one by one.
+    pub async fn probe(&self) -> Result<Duration, StoreError> {
+        let rtt = self.ping().await?;
+        if !self
+            .schema_verified
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.check_schema().await?;
+        }
+        Ok(rtt)
     }
 
     /// Round trip to the database (for health checks).
