@@ -3,9 +3,14 @@
 //! its effects are stored.
 //!
 //! At start it first re-applies the entries still pending for its own name
-//! (a restart after a crash), then reads new entries with a blocking
-//! XREADGROUP on a connection of its own. Every `claim_interval` it takes
-//! over entries left pending longer than `claim_idle` by any consumer
+//! (a restart after a crash), then reads new entries: one reader task per
+//! shard, each with a blocking single-stream XREADGROUP on a connection of
+//! its own, hands what it reads to the consumer loop over a bounded channel
+//! (so a busy loop stops the readers, and what they read waits in the
+//! group's pending lists), and the loop applies up to `batch_size` entries of
+//! all shards at a time. Every command names one stream, so every read
+//! stays within one hash slot (Redis Cluster). Every `claim_interval` it
+//! takes over entries left pending longer than `claim_idle` by any consumer
 //! (XAUTOCLAIM), so a dead projector's work is finished by a live one.
 //! Undecodable entries are logged, counted and acknowledged. Redis errors are
 //! logged and counted, and the operation is retried with backoff until it
@@ -28,6 +33,7 @@ use iot_core::keys::PROJECTOR_GROUP;
 use iot_service::{Health, RedisPool, Status};
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Value};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -79,6 +85,85 @@ pub fn is_refused_as_data(e: &RedisError) -> bool {
     }
 }
 
+/// What a shard reader hands the consumer loop.
+enum ShardRead {
+    /// New entries of one shard (delivered to this consumer: pending until
+    /// the loop acknowledges them).
+    Entries(Vec<StreamEntry>),
+    /// A read failed; the reader retries after a backoff.
+    Failed(RedisError),
+}
+
+/// One shard's reader: a blocking single-stream `XREADGROUP ... >` on a
+/// connection of its own, in a loop, until `stop` or the consumer loop is
+/// gone. Errors go to the loop (which logs and counts them) and are retried
+/// after a backoff.
+async fn read_shard(
+    redis: RedisPool,
+    projection: Arc<Projection>,
+    shard: u16,
+    tx: mpsc::Sender<ShardRead>,
+    stop: CancellationToken,
+) {
+    let s = projection.settings();
+    let key = s.keys.events(shard);
+    let shard_of_key = HashMap::from([(key.clone(), shard)]);
+    let block_ms = u64::try_from(s.block.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut backoff = Backoff::default();
+    let mut conn: Option<ConnectionManager> = None;
+    while !stop.is_cancelled() {
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match redis.dedicated().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    if tx.send(ShardRead::Failed(e)).await.is_err() {
+                        return;
+                    }
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(PROJECTOR_GROUP)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(s.per_shard_count())
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">");
+        let reply = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = cmd.query_async::<Value>(c) => r,
+        };
+        match reply {
+            Ok(reply) => {
+                backoff.reset();
+                let entries = stream::parse_read(reply, &shard_of_key);
+                if !entries.is_empty() && tx.send(ShardRead::Entries(entries)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if tx.send(ShardRead::Failed(e)).await.is_err() {
+                    return;
+                }
+                if !backoff.wait(&stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Adds what `more` did to `total`.
 fn add_applied(total: &mut Applied, more: Applied) {
     total.events += more.events;
@@ -94,7 +179,6 @@ pub struct Consumer {
     redis: RedisPool,
     health: Health,
     shutdown: CancellationToken,
-    keys: Vec<String>,
     shard_of_key: HashMap<String, u16>,
 }
 
@@ -138,7 +222,6 @@ impl Consumer {
         shutdown: CancellationToken,
     ) -> Self {
         let s = projection.settings();
-        let keys: Vec<String> = s.shard_range().map(|i| s.keys.events(i)).collect();
         let shard_of_key = s
             .shard_range()
             .map(|i| (s.keys.events(i), i))
@@ -148,7 +231,6 @@ impl Consumer {
             redis,
             health,
             shutdown,
-            keys,
             shard_of_key,
         }
     }
@@ -169,29 +251,23 @@ impl Consumer {
         let s = self.projection.settings();
         let consumer = s.consumer.clone();
         let mut backoff = Backoff::default();
-        // A connection of its own for the blocking reads.
-        let mut reader = loop {
-            match self.redis.dedicated().await {
-                Ok(c) => break c,
-                Err(e) => {
-                    self.failed("connect", &e, &backoff);
-                    if !backoff.wait(&self.shutdown).await {
-                        return;
-                    }
-                }
-            }
-        };
+        let mut conn = self.redis.get();
         let mut setup = true;
         // Shards whose own pending entries are still being re-applied, with
         // the id read up to.
         let mut own_pending: BTreeMap<u16, String> =
             s.shard_range().map(|i| (i, "0".to_owned())).collect();
         let mut next_claim = Instant::now() + s.claim_interval;
+        // The shard readers, started once the groups exist and the own
+        // pending entries are done; they stop with the loop.
+        let readers_stop = self.shutdown.child_token();
+        let _stop_readers = readers_stop.clone().drop_guard();
+        let mut reads: Option<mpsc::Receiver<ShardRead>> = None;
         while !self.shutdown.is_cancelled() {
             if setup {
                 let r = async {
-                    ensure_groups(&mut reader, &self.projection).await?;
-                    self.projection.scripts().load(&mut reader).await
+                    ensure_groups(&mut conn, &self.projection).await?;
+                    self.projection.scripts().load(&mut conn).await
                 }
                 .await;
                 match r {
@@ -213,28 +289,35 @@ impl Consumer {
                 self.claim().await;
                 next_claim = Instant::now() + s.claim_interval;
             }
-            let redelivered = !own_pending.is_empty();
-            let read = if redelivered {
-                self.read_own_pending(&mut reader, &mut own_pending).await
-            } else {
-                self.read_new(&mut reader).await
-            };
-            match read {
-                Ok(entries) => {
-                    backoff.reset();
-                    let small = entries.len() < s.batch_size / 4;
-                    if !entries.is_empty() {
-                        self.process(entries, redelivered).await;
+            if !own_pending.is_empty() {
+                match self.read_own_pending(&mut conn, &mut own_pending).await {
+                    Ok(entries) => {
+                        backoff.reset();
+                        if !entries.is_empty() {
+                            self.process(entries, true).await;
+                        }
                     }
-                    // Let a trickle accumulate: fewer, larger calls.
-                    if small && !redelivered && !s.linger.is_zero() {
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(s.linger) => {}
+                    Err(e) => {
+                        if is_nogroup(&e) {
+                            setup = true;
+                        }
+                        self.failed("xreadgroup", &e, &backoff);
+                        if !backoff.wait(&self.shutdown).await {
+                            return;
                         }
                     }
                 }
-                Err(e) => {
+                continue;
+            }
+            let rx = reads.get_or_insert_with(|| self.spawn_readers(&readers_stop));
+            let first = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next_claim.into()) => continue,
+                r = rx.recv() => r,
+            };
+            let mut entries = match first {
+                Some(ShardRead::Entries(e)) => e,
+                Some(ShardRead::Failed(e)) => {
                     if is_nogroup(&e) {
                         setup = true;
                     }
@@ -242,71 +325,88 @@ impl Consumer {
                     if !backoff.wait(&self.shutdown).await {
                         return;
                     }
+                    continue;
+                }
+                // Every reader ended: only at shutdown.
+                None => break,
+            };
+            backoff.reset();
+            // What the other shards read meanwhile joins the batch; a small
+            // batch waits up to `linger` for more (fewer, larger calls).
+            let linger_until = tokio::time::Instant::now() + s.linger;
+            while entries.len() < s.batch_size {
+                let more = match rx.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(_) if entries.len() < s.batch_size / 4 && !s.linger.is_zero() => {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => None,
+                            _ = tokio::time::sleep_until(linger_until) => None,
+                            r = rx.recv() => r,
+                        }
+                    }
+                    Err(_) => None,
+                };
+                match more {
+                    Some(ShardRead::Entries(e)) => entries.extend(e),
+                    Some(ShardRead::Failed(e)) => {
+                        if is_nogroup(&e) {
+                            setup = true;
+                        }
+                        self.failed("xreadgroup", &e, &backoff);
+                    }
+                    None => break,
                 }
             }
+            self.process(entries, false).await;
         }
         tracing::info!(consumer = %consumer, "consumer stopped");
     }
 
-    /// Reads new entries of every shard with one blocking `XREADGROUP`.
-    ///
-    /// Not Redis Cluster ready: one `XREADGROUP ... STREAMS` over all the
-    /// shard streams is a multi-key command across hash slots (each stream
-    /// carries its shard's tag, `stream:events:{n}`), which a cluster
-    /// refuses with CROSSSLOT. The same holds for
-    /// [`read_own_pending`](Self::read_own_pending). There is no cluster
-    /// client yet; with one, the read must be split per slot (one
-    /// `XREADGROUP` per shard, or per group of shards that share a node
-    /// and a slot), for example one blocking reader per shard or a
-    /// non-blocking round over the shards. Everything after the read
-    /// (device, index and due functions) already stays within one slot.
-    async fn read_new(&self, conn: &mut ConnectionManager) -> RedisResult<Vec<StreamEntry>> {
+    /// Starts one reader per shard (see [`read_shard`]); they stop when
+    /// `stop` is cancelled or the receiver is dropped.
+    fn spawn_readers(&self, stop: &CancellationToken) -> mpsc::Receiver<ShardRead> {
         let s = self.projection.settings();
-        let block_ms = u64::try_from(s.block.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(PROJECTOR_GROUP)
-            .arg(&s.consumer)
-            .arg("COUNT")
-            .arg(s.per_shard_count())
-            .arg("BLOCK")
-            .arg(block_ms)
-            .arg("STREAMS")
-            .arg(&self.keys);
-        for _ in &self.keys {
-            cmd.arg(">");
+        // Room for one read of every shard: a busy loop stops the readers.
+        let (tx, rx) = mpsc::channel(usize::from(s.shards).max(1));
+        for shard in s.shard_range() {
+            tokio::spawn(read_shard(
+                self.redis.clone(),
+                self.projection.clone(),
+                shard,
+                tx.clone(),
+                stop.clone(),
+            ));
         }
-        let reply: Value = cmd.query_async(conn).await?;
-        Ok(stream::parse_read(reply, &self.shard_of_key))
+        rx
     }
 
     /// Reads this consumer's own pending entries (delivered before a
-    /// restart), shard by shard, advancing `cursors`; a shard with nothing
-    /// left is dropped from them. Like [`read_new`](Self::read_new), one
-    /// command over several shard streams: not valid on Redis Cluster.
+    /// restart), shard by shard (one single-stream `XREADGROUP` per shard,
+    /// pipelined), advancing `cursors`; a shard with nothing left is dropped
+    /// from them.
     async fn read_own_pending(
         &self,
         conn: &mut ConnectionManager,
         cursors: &mut BTreeMap<u16, String>,
     ) -> RedisResult<Vec<StreamEntry>> {
         let s = self.projection.settings();
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(PROJECTOR_GROUP)
-            .arg(&s.consumer)
-            .arg("COUNT")
-            .arg(s.per_shard_count())
-            .arg("STREAMS");
-        for shard in cursors.keys() {
-            cmd.arg(s.keys.events(*shard));
+        let mut pipe = redis::pipe();
+        for (shard, id) in cursors.iter() {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(PROJECTOR_GROUP)
+                .arg(&s.consumer)
+                .arg("COUNT")
+                .arg(s.per_shard_count())
+                .arg("STREAMS")
+                .arg(s.keys.events(*shard))
+                .arg(id);
         }
-        for id in cursors.values() {
-            cmd.arg(id);
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let mut entries = Vec::new();
+        for reply in replies {
+            entries.extend(stream::parse_read(reply, &self.shard_of_key));
         }
-        let reply: Value = cmd.query_async(conn).await?;
-        let entries = stream::parse_read(reply, &self.shard_of_key);
         let mut last: BTreeMap<u16, String> = BTreeMap::new();
         for e in &entries {
             last.insert(e.shard, e.id.clone());

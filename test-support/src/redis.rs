@@ -15,6 +15,8 @@ pub struct RedisServer {
     /// Append-only file with `appendfsync always`: every acknowledged write
     /// survives a SIGKILL and a restart.
     persistent: bool,
+    /// Cluster mode, one node serving every slot.
+    cluster: bool,
 }
 
 fn binary() -> String {
@@ -51,6 +53,47 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// A Redis Cluster of one node that serves all 16,384 slots: a plain
+    /// client works against it, but every command (and every script or
+    /// function) that touches keys of more than one hash slot fails with
+    /// `CROSSSLOT`, as on a real cluster. Only database 0 exists.
+    pub fn start_single_node_cluster() -> Self {
+        let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
+        for _ in 0..5 {
+            let mut server = Self {
+                child: None,
+                port: crate::free_port(),
+                dir,
+                persistent: false,
+                cluster: true,
+            };
+            if server.spawn() {
+                let added = server
+                    .cli()
+                    .raw(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+                assert!(added.starts_with("+OK"), "CLUSTER ADDSLOTSRANGE: {added}");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !server
+                    .cli()
+                    .raw(&["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the one-node cluster did not reach cluster_state:ok"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return server;
+            }
+            dir = std::mem::replace(
+                &mut server.dir,
+                tempfile::tempdir().expect("cannot create a temp dir"),
+            );
+        }
+        panic!("redis-server did not start in cluster mode on any of 5 free ports");
+    }
+
     fn start_with(persistent: bool) -> Self {
         let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
         for _ in 0..5 {
@@ -60,6 +103,7 @@ impl RedisServer {
                 port,
                 dir,
                 persistent,
+                cluster: false,
             };
             if server.spawn() {
                 return server;
@@ -80,7 +124,18 @@ impl RedisServer {
         } else {
             ("no", "everysec")
         };
+        let cluster_args: Vec<String> = if self.cluster {
+            vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                self.dir.path().join("nodes.conf").display().to_string(),
+            ]
+        } else {
+            Vec::new()
+        };
         let child = Command::new(binary())
+            .args(&cluster_args)
             .args([
                 "--bind",
                 "127.0.0.1",
