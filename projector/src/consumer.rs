@@ -3,13 +3,16 @@
 //! its effects are stored.
 //!
 //! At start it first re-applies the entries still pending for its own name
-//! (a restart after a crash), then reads new entries: one reader task per
-//! shard, each with a blocking single-stream XREADGROUP on a connection of
-//! its own, hands what it reads to the consumer loop over a bounded channel
-//! (so a busy loop stops the readers, and what they read waits in the
-//! group's pending lists), and the loop applies up to `batch_size` entries of
-//! all shards at a time. Every command names one stream, so every read
-//! stays within one hash slot (Redis Cluster). Every `claim_interval` it
+//! (a restart after a crash), then reads new entries with blocking
+//! XREADGROUPs on connections of their own, in reader tasks that hand what
+//! they read to the consumer loop over a bounded channel (so a busy loop
+//! stops the readers, and what they read waits in the group's pending
+//! lists); the loop applies up to `batch_size` entries of all shards at a
+//! time. On a plain Redis one reader reads every shard with one
+//! `XREADGROUP ... STREAMS` (one wake-up for all shards: the cheapest for
+//! Redis); on a Redis Cluster (`cluster_enabled:1`) each shard has a reader
+//! of its own with a single-stream command, so every command the projector
+//! sends stays within one hash slot. Every `claim_interval` it
 //! takes over entries left pending longer than `claim_idle` by any consumer
 //! (XAUTOCLAIM), so a dead projector's work is finished by a live one.
 //! Undecodable entries are logged, counted and acknowledged. Redis errors are
@@ -94,20 +97,22 @@ enum ShardRead {
     Failed(RedisError),
 }
 
-/// One shard's reader: a blocking single-stream `XREADGROUP ... >` on a
-/// connection of its own, in a loop, until `stop` or the consumer loop is
-/// gone. Errors go to the loop (which logs and counts them) and are retried
-/// after a backoff.
-async fn read_shard(
+/// A reader: a blocking `XREADGROUP ... >` of `shards` on a connection of
+/// its own, in a loop, until `stop` or the consumer loop is gone. After a
+/// small read it waits `projector.linger` so a trickle arrives in fewer,
+/// larger reads. Errors go to the loop (which logs and counts them) and are
+/// retried after a backoff.
+async fn read_shards(
     redis: RedisPool,
     projection: Arc<Projection>,
-    shard: u16,
+    shards: Vec<u16>,
     tx: mpsc::Sender<ShardRead>,
     stop: CancellationToken,
 ) {
     let s = projection.settings();
-    let key = s.keys.events(shard);
-    let shard_of_key = HashMap::from([(key.clone(), shard)]);
+    let keys: Vec<String> = shards.iter().map(|i| s.keys.events(*i)).collect();
+    let shard_of_key: HashMap<String, u16> = keys.iter().cloned().zip(shards).collect();
+    let count = s.per_shard_count();
     let block_ms = u64::try_from(s.block.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -134,12 +139,14 @@ async fn read_shard(
             .arg(PROJECTOR_GROUP)
             .arg(&s.consumer)
             .arg("COUNT")
-            .arg(s.per_shard_count())
+            .arg(count)
             .arg("BLOCK")
             .arg(block_ms)
             .arg("STREAMS")
-            .arg(&key)
-            .arg(">");
+            .arg(&keys);
+        for _ in &keys {
+            cmd.arg(">");
+        }
         let reply = tokio::select! {
             _ = stop.cancelled() => return,
             r = cmd.query_async::<Value>(c) => r,
@@ -148,8 +155,15 @@ async fn read_shard(
             Ok(reply) => {
                 backoff.reset();
                 let entries = stream::parse_read(reply, &shard_of_key);
+                let small = entries.len() < (count * keys.len()) / 4;
                 if !entries.is_empty() && tx.send(ShardRead::Entries(entries)).await.is_err() {
                     return;
+                }
+                if small && !s.linger.is_zero() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(s.linger) => {}
+                    }
                 }
             }
             Err(e) => {
@@ -160,6 +174,23 @@ async fn read_shard(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Whether Redis runs in cluster mode (`INFO cluster`: `cluster_enabled:1`),
+/// where a command must not name streams of several shards. When Redis
+/// cannot tell, the answer is yes: per-shard reads work everywhere.
+async fn is_cluster(conn: &mut ConnectionManager) -> bool {
+    match redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(conn)
+        .await
+    {
+        Ok(info) => !info.contains("cluster_enabled:0"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read INFO cluster; reading each shard on its own");
+            true
         }
     }
 }
@@ -309,7 +340,11 @@ impl Consumer {
                 }
                 continue;
             }
-            let rx = reads.get_or_insert_with(|| self.spawn_readers(&readers_stop));
+            if reads.is_none() {
+                let per_shard = is_cluster(&mut conn).await;
+                reads = Some(self.spawn_readers(&readers_stop, per_shard));
+            }
+            let Some(rx) = reads.as_mut() else { break };
             let first = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next_claim.into()) => continue,
@@ -331,30 +366,17 @@ impl Consumer {
                 None => break,
             };
             backoff.reset();
-            // What the other shards read meanwhile joins the batch; a small
-            // batch waits up to `linger` for more (fewer, larger calls).
-            let linger_until = tokio::time::Instant::now() + s.linger;
+            // What the other readers read meanwhile joins the batch.
             while entries.len() < s.batch_size {
-                let more = match rx.try_recv() {
-                    Ok(r) => Some(r),
-                    Err(_) if entries.len() < s.batch_size / 4 && !s.linger.is_zero() => {
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => None,
-                            _ = tokio::time::sleep_until(linger_until) => None,
-                            r = rx.recv() => r,
-                        }
-                    }
-                    Err(_) => None,
-                };
-                match more {
-                    Some(ShardRead::Entries(e)) => entries.extend(e),
-                    Some(ShardRead::Failed(e)) => {
+                match rx.try_recv() {
+                    Ok(ShardRead::Entries(e)) => entries.extend(e),
+                    Ok(ShardRead::Failed(e)) => {
                         if is_nogroup(&e) {
                             setup = true;
                         }
                         self.failed("xreadgroup", &e, &backoff);
                     }
-                    None => break,
+                    Err(_) => break,
                 }
             }
             self.process(entries, false).await;
@@ -362,17 +384,32 @@ impl Consumer {
         tracing::info!(consumer = %consumer, "consumer stopped");
     }
 
-    /// Starts one reader per shard (see [`read_shard`]); they stop when
+    /// Starts the readers (see [`read_shards`]): one per shard when
+    /// `per_shard` (Redis Cluster), else one for all shards. They stop when
     /// `stop` is cancelled or the receiver is dropped.
-    fn spawn_readers(&self, stop: &CancellationToken) -> mpsc::Receiver<ShardRead> {
+    fn spawn_readers(
+        &self,
+        stop: &CancellationToken,
+        per_shard: bool,
+    ) -> mpsc::Receiver<ShardRead> {
         let s = self.projection.settings();
-        // Room for one read of every shard: a busy loop stops the readers.
-        let (tx, rx) = mpsc::channel(usize::from(s.shards).max(1));
-        for shard in s.shard_range() {
-            tokio::spawn(read_shard(
+        let groups: Vec<Vec<u16>> = if per_shard {
+            s.shard_range().map(|i| vec![i]).collect()
+        } else {
+            vec![s.shard_range().collect()]
+        };
+        tracing::info!(
+            readers = groups.len(),
+            per_shard,
+            "reading the event shards"
+        );
+        // Room for one read of every reader: a busy loop stops the readers.
+        let (tx, rx) = mpsc::channel(groups.len().max(1));
+        for shards in groups {
+            tokio::spawn(read_shards(
                 self.redis.clone(),
                 self.projection.clone(),
-                shard,
+                shards,
                 tx.clone(),
                 stop.clone(),
             ));
