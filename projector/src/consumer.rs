@@ -277,6 +277,15 @@ impl Consumer {
         );
     }
 
+    /// A failed read: logged and counted; a missing group (Redis lost its
+    /// data) sends the loop back to its setup.
+    fn read_failed(&self, e: &RedisError, setup: &mut bool, backoff: &Backoff) {
+        if is_nogroup(e) {
+            *setup = true;
+        }
+        self.failed("xreadgroup", e, backoff);
+    }
+
     /// Runs until shutdown.
     pub async fn run(self) {
         let s = self.projection.settings();
@@ -329,10 +338,7 @@ impl Consumer {
                         }
                     }
                     Err(e) => {
-                        if is_nogroup(&e) {
-                            setup = true;
-                        }
-                        self.failed("xreadgroup", &e, &backoff);
+                        self.read_failed(&e, &mut setup, &backoff);
                         if !backoff.wait(&self.shutdown).await {
                             return;
                         }
@@ -353,10 +359,7 @@ impl Consumer {
             let mut entries = match first {
                 Some(ShardRead::Entries(e)) => e,
                 Some(ShardRead::Failed(e)) => {
-                    if is_nogroup(&e) {
-                        setup = true;
-                    }
-                    self.failed("xreadgroup", &e, &backoff);
+                    self.read_failed(&e, &mut setup, &backoff);
                     if !backoff.wait(&self.shutdown).await {
                         return;
                     }
@@ -371,10 +374,7 @@ impl Consumer {
                 match rx.try_recv() {
                     Ok(ShardRead::Entries(e)) => entries.extend(e),
                     Ok(ShardRead::Failed(e)) => {
-                        if is_nogroup(&e) {
-                            setup = true;
-                        }
-                        self.failed("xreadgroup", &e, &backoff);
+                        self.read_failed(&e, &mut setup, &backoff);
                     }
                     Err(_) => break,
                 }
