@@ -249,8 +249,29 @@ impl Stack {
         for k in 1..=plan.ingests {
             me.ingests.push(me.spawn_ingest(k, &env)?);
         }
-        for i in &mut me.ingests {
-            i.process.wait_healthy(START_LIMIT).await?;
+        for idx in 0..me.ingests.len() {
+            let mut respawned = 0;
+            loop {
+                match me.ingests[idx].process.wait_healthy(START_LIMIT).await {
+                    Ok(()) => break,
+                    // A port picked for it was taken before it could bind it
+                    // (ports are picked before the processes start, and the
+                    // services' own connections draw from the same range):
+                    // start it again on other ports.
+                    Err(_)
+                        if respawned < 3
+                            && me.ingests[idx]
+                                .process
+                                .log_tail(5)
+                                .contains("Address already in use") =>
+                    {
+                        respawned += 1;
+                        let k = u32::try_from(idx + 1).unwrap_or(u32::MAX);
+                        me.ingests[idx] = me.spawn_ingest(k, &env)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(me)
     }
