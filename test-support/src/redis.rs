@@ -42,7 +42,7 @@ impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING. It
     /// keeps nothing on disk: a restart comes back empty.
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// Like [`start`](Self::start), but the server keeps an append-only file
@@ -50,7 +50,7 @@ impl RedisServer {
     /// [`start_again`](Self::start_again) keep every acknowledged write: a
     /// Redis deployed with persistence.
     pub fn start_persistent() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
     /// A Redis Cluster of one node that serves all 16,384 slots: a plain
@@ -58,43 +58,27 @@ impl RedisServer {
     /// function) that touches keys of more than one hash slot fails with
     /// `CROSSSLOT`, as on a real cluster. Only database 0 exists.
     pub fn start_single_node_cluster() -> Self {
-        let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
-        for _ in 0..5 {
-            let mut server = Self {
-                child: None,
-                port: crate::free_port(),
-                dir,
-                persistent: false,
-                cluster: true,
-            };
-            if server.spawn() {
-                let added = server
-                    .cli()
-                    .raw(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
-                assert!(added.starts_with("+OK"), "CLUSTER ADDSLOTSRANGE: {added}");
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while !server
-                    .cli()
-                    .raw(&["CLUSTER", "INFO"])
-                    .contains("cluster_state:ok")
-                {
-                    assert!(
-                        Instant::now() < deadline,
-                        "the one-node cluster did not reach cluster_state:ok"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                return server;
-            }
-            dir = std::mem::replace(
-                &mut server.dir,
-                tempfile::tempdir().expect("cannot create a temp dir"),
+        let server = Self::start_with(false, true);
+        let added = server
+            .cli()
+            .raw(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        assert!(added.starts_with("+OK"), "CLUSTER ADDSLOTSRANGE: {added}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server
+            .cli()
+            .raw(&["CLUSTER", "INFO"])
+            .contains("cluster_state:ok")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the one-node cluster did not reach cluster_state:ok"
             );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server did not start in cluster mode on any of 5 free ports");
+        server
     }
 
-    fn start_with(persistent: bool) -> Self {
+    fn start_with(persistent: bool, cluster: bool) -> Self {
         let mut dir = tempfile::tempdir().expect("cannot create a temp dir for redis-server");
         for _ in 0..5 {
             let port = crate::free_port();
@@ -103,7 +87,7 @@ impl RedisServer {
                 port,
                 dir,
                 persistent,
-                cluster: false,
+                cluster,
             };
             if server.spawn() {
                 return server;
